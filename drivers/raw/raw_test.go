@@ -62,8 +62,12 @@ func init() {
 	})
 	// A format whose header is "FAKEFMT": probing must prefer it to raw.
 	graph.Register(&graph.Driver{
-		Name:       "rawtest-fmt",
-		NewOptions: func() any { return &struct{ File graph.ChildRef `qapi:"file"` }{} },
+		Name: "rawtest-fmt",
+		NewOptions: func() any {
+			return &struct {
+				File graph.ChildRef `qapi:"file"`
+			}{}
+		},
 		Open: func(context.Context, *graph.OpenContext, any) (graph.Instance, error) {
 			return nil, errors.New("not openable")
 		},
