@@ -296,6 +296,8 @@ func TestReadOnly(t *testing.T) {
 	wantErr(t, err, "Block node is read-only")
 	g.DetachUser(c)
 	wantErr(t, g.Reopen(ctx, []map[string]any{{"driver": "raw", "node-name": "f"}}, qapi.JSON), "Cannot change the option 'driver'")
+	wantErr(t, g.Reopen(ctx, []map[string]any{{"driver": "test-fmt", "node-name": "f", "cache": map[string]any{"direct": true}}}, qapi.JSON),
+		"Cannot change the option 'cache.direct'")
 }
 
 func TestIOBoundsAndDetectZeroes(t *testing.T) {

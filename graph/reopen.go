@@ -123,6 +123,12 @@ func (g *Graph) collectReopen(opts map[string]any, mode qapi.Mode, parent *reope
 	if b.ForceShare && !b.ReadOnly {
 		return qapi.Errorf(qapi.GenericError, "force-share=on can only be used with read-only images")
 	}
+	// Drivers are reopened with their own options and the read-only
+	// state; a new cache mode would not reach them, so refuse it rather
+	// than pretend.
+	if b.Cache.Direct != n.common.Cache.Direct {
+		return qapi.Errorf(qapi.GenericError, "Cannot change the option 'cache.direct'")
+	}
 	if b.ForceShare != n.common.ForceShare {
 		return qapi.Errorf(qapi.GenericError, "Cannot change the option 'force-share'")
 	}
