@@ -1,21 +1,11 @@
 package qmp
 
 import (
-	"encoding/json"
-	"errors"
-	"fmt"
 	"net"
-	"os"
 	"sort"
-	"strconv"
-	"strings"
-	"syscall"
-	"unsafe"
-
-	"github.com/mdlayher/vsock"
-	"golang.org/x/sys/unix"
 
 	"blockbackend/qmp/qapi"
+	"blockbackend/qmp/sockaddr"
 )
 
 // ChardevSocket is a `--chardev socket,...` option, the part of QEMU's
@@ -58,48 +48,13 @@ type ChardevSocket struct {
 	Logappend bool           `qapi:"logappend,optional"`
 }
 
-// SocketAddressType is QAPI's SocketAddressType.
-type SocketAddressType string
+// SocketAddressType is QAPI's SocketAddressType (see package sockaddr).
+type SocketAddressType = sockaddr.Type
 
-// EnumValues lists the address types.
-func (SocketAddressType) EnumValues() []string { return []string{"inet", "unix", "vsock", "fd"} }
+// SocketAddress is QAPI's flat SocketAddress (see package sockaddr).
+type SocketAddress = sockaddr.Address
 
-// SocketAddress is QAPI's flat SocketAddress union.
-type SocketAddress struct {
-	Type SocketAddressType `qapi:"type"`
-	// unix
-	Path     string `qapi:"path,optional"`
-	Abstract bool   `qapi:"abstract,optional"`
-	Tight    *bool  `qapi:"tight,optional"`
-	// inet (port also for vsock)
-	Host      string      `qapi:"host,optional"`
-	Port      looseString `qapi:"port,optional"`
-	Numeric   bool        `qapi:"numeric,optional"`
-	To        int64       `qapi:"to,optional"`
-	IPv4      *bool       `qapi:"ipv4,optional"`
-	IPv6      *bool       `qapi:"ipv6,optional"`
-	KeepAlive bool        `qapi:"keep-alive,optional"`
-	// vsock
-	CID looseString `qapi:"cid,optional"`
-	// fd
-	Str looseString `qapi:"str,optional"`
-}
-
-// looseString is a string member that JSON may also give as a number
-// (port=4444 is a string in QEMU's schema; people write numbers).
-type looseString string
-
-func (l *looseString) UnmarshalQAPI(v any, mode qapi.Mode, path string) error {
-	switch v := v.(type) {
-	case string:
-		*l = looseString(v)
-	case json.Number:
-		*l = looseString(v.String())
-	default:
-		return qapi.Errorf(qapi.GenericError, "Invalid parameter type for '%s', expected: string", path)
-	}
-	return nil
-}
+type looseString = sockaddr.LooseString
 
 var chardevKeys = map[string]bool{
 	"id": true, "path": true, "host": true, "port": true, "fd": true, "addr": true,
@@ -168,51 +123,11 @@ func (c *ChardevSocket) check() error {
 	if c.Host != "" && c.Port == "" {
 		return qapi.Errorf(qapi.GenericError, "chardev: socket: no port given")
 	}
-	if a := c.Addr; a != nil {
-		switch a.Type {
-		case "unix":
-			if a.Path == "" {
-				return qapi.Errorf(qapi.GenericError, "Parameter 'addr.path' is missing")
-			}
-		case "inet":
-			if a.Port == "" {
-				return qapi.Errorf(qapi.GenericError, "Parameter 'addr.port' is missing")
-			}
-		case "vsock":
-			if a.CID == "" {
-				return qapi.Errorf(qapi.GenericError, "Parameter 'addr.cid' is missing")
-			}
-			if a.Port == "" {
-				return qapi.Errorf(qapi.GenericError, "Parameter 'addr.port' is missing")
-			}
-			if _, err := parseU32(string(a.CID), "addr.cid"); err != nil {
-				return err
-			}
-			if _, err := parseU32(string(a.Port), "addr.port"); err != nil {
-				return err
-			}
-		case "fd":
-			if a.Str == "" {
-				return qapi.Errorf(qapi.GenericError, "Parameter 'addr.str' is missing")
-			}
-		}
+	if c.Addr != nil {
+		return c.Addr.Check()
 	}
 	return nil
 }
-
-func parseU32(s, name string) (uint32, error) {
-	if s == "-1" && name == "addr.cid" {
-		return vsockCIDAny, nil
-	}
-	u, err := strconv.ParseUint(s, 10, 32)
-	if err != nil {
-		return 0, qapi.Errorf(qapi.GenericError, "Parameter '%s' expects uint32_t: %w", name, err)
-	}
-	return uint32(u), nil
-}
-
-// vsockCIDAny is VMADDR_CID_ANY.
-const vsockCIDAny = 0xFFFFFFFF
 
 // Listen creates the listening socket. A UNIX socket path that already
 // holds a socket is unlinked first, as QEMU does (a stale socket of a
@@ -235,125 +150,6 @@ func (c ChardevSocket) Listen() (net.Listener, error) {
 		}
 	}
 	return a.Listen()
-}
-
-// Listen creates a listening socket at the address.
-func (a *SocketAddress) Listen() (net.Listener, error) {
-	switch a.Type {
-	case "unix":
-		tight := a.Tight == nil || *a.Tight
-		if a.Abstract {
-			return listenAbstract(a.Path, tight)
-		}
-		if fi, err := os.Lstat(a.Path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			if err := os.Remove(a.Path); err != nil {
-				return nil, sysError(err, "Failed to unlink socket %s", a.Path)
-			}
-		}
-		l, err := net.Listen("unix", a.Path)
-		if err != nil {
-			return nil, sysError(err, "Failed to bind socket to %s", a.Path)
-		}
-		return l, nil
-	case "inet":
-		network := "tcp"
-		v4 := a.IPv4 != nil && *a.IPv4
-		v6 := a.IPv6 != nil && *a.IPv6
-		if v4 && !v6 {
-			network = "tcp4"
-		} else if v6 && !v4 {
-			network = "tcp6"
-		}
-		addr := net.JoinHostPort(a.Host, string(a.Port))
-		l, err := net.Listen(network, addr)
-		if err != nil {
-			return nil, sysError(err, "Failed to bind socket to %s", addr)
-		}
-		return l, nil
-	case "vsock":
-		cid, err := parseU32(string(a.CID), "addr.cid")
-		if err != nil {
-			return nil, err
-		}
-		port, err := parseU32(string(a.Port), "addr.port")
-		if err != nil {
-			return nil, err
-		}
-		l, err := vsock.ListenContextID(cid, port, nil)
-		if err != nil {
-			return nil, sysError(err, "Failed to bind socket to vsock:%d:%d", cid, port)
-		}
-		return l, nil
-	case "fd":
-		fd, err := strconv.Atoi(string(a.Str))
-		if err != nil || fd < 0 {
-			return nil, qapi.Errorf(qapi.GenericError, "File descriptor named '%s' has not been found", a.Str)
-		}
-		f := os.NewFile(uintptr(fd), "chardev-fd-"+string(a.Str))
-		l, err := net.FileListener(f)
-		f.Close() // FileListener dup'ed it
-		if err != nil {
-			return nil, sysError(err, "Failed to use file descriptor %d as a listening socket", fd)
-		}
-		return l, nil
-	}
-	return nil, qapi.Errorf(qapi.GenericError, "Parameter 'addr.type' does not accept value '%s'", a.Type)
-}
-
-// listenAbstract binds in the abstract namespace. tight=off is QEMU's
-// other encoding: the name padded with NULs to the full sun_path, which
-// net.Listen cannot express.
-func listenAbstract(name string, tight bool) (net.Listener, error) {
-	if tight {
-		l, err := net.Listen("unix", "@"+name)
-		if err != nil {
-			return nil, sysError(err, "Failed to bind socket to @%s", name)
-		}
-		return l, nil
-	}
-	const pathMax = 108 // sizeof(sun_path) on Linux
-	if len(name)+1 > pathMax {
-		return nil, qapi.Errorf(qapi.GenericError, "UNIX socket path '%s' is too long", name)
-	}
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, sysError(err, "Failed to create socket")
-	}
-	// x/sys cannot pass the full sockaddr_un length: bind by hand.
-	var sa unix.RawSockaddrUnix
-	sa.Family = unix.AF_UNIX
-	for i := 0; i < len(name); i++ {
-		sa.Path[1+i] = int8(name[i])
-	}
-	if _, _, e := unix.Syscall(unix.SYS_BIND, uintptr(fd), uintptr(unsafe.Pointer(&sa)), unsafe.Sizeof(sa)); e != 0 {
-		unix.Close(fd)
-		return nil, sysError(e, "Failed to bind socket to @%s", name)
-	}
-	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
-		unix.Close(fd)
-		return nil, sysError(err, "Failed to listen on socket @%s", name)
-	}
-	f := os.NewFile(uintptr(fd), "@"+name)
-	l, err := net.FileListener(f)
-	f.Close()
-	if err != nil {
-		return nil, fmt.Errorf("qmp: abstract socket @%s: %w", name, err)
-	}
-	return l, nil
-}
-
-// sysError words a socket error as QEMU does ("...: No such file or
-// directory"), keeping the errno reachable with errors.Is.
-func sysError(err error, format string, args ...any) error {
-	msg := err.Error()
-	var errno syscall.Errno
-	if errors.As(err, &errno) {
-		msg = errno.Error()
-		if msg != "" {
-			msg = strings.ToUpper(msg[:1]) + msg[1:]
-		}
-	}
-	return &qapi.Error{Class: qapi.GenericError, Desc: fmt.Sprintf(format, args...) + ": " + msg, Err: err}
 }
 
 // MonitorMode is QAPI's MonitorMode.

@@ -11,14 +11,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"strconv"
 	"sync"
-
-	"github.com/mdlayher/vsock"
 
 	"blockbackend/graph"
 	"blockbackend/nbd"
 	"blockbackend/qmp/qapi"
+	"blockbackend/qmp/sockaddr"
 )
 
 // Options is BlockExportOptionsNbd.
@@ -69,34 +67,12 @@ func init() {
 	})
 }
 
-// SocketAddress is QAPI's flat SocketAddress (as --nbd-server's addr.*).
-type SocketAddress struct {
-	Type string `qapi:"type"`
-	// unix
-	Path     string `qapi:"path,optional"`
-	Abstract bool   `qapi:"abstract,optional"`
-	Tight    *bool  `qapi:"tight,optional"`
-	// inet
-	Host      string `qapi:"host,optional"`
-	Port      string `qapi:"port,optional"`
-	Numeric   bool   `qapi:"numeric,optional"`
-	To        *int   `qapi:"to,optional"`
-	IPv4      *bool  `qapi:"ipv4,optional"`
-	IPv6      *bool  `qapi:"ipv6,optional"`
-	KeepAlive bool   `qapi:"keep-alive,optional"`
-	MPTCP     bool   `qapi:"mptcp,optional"`
-	// vsock
-	CID string `qapi:"cid,optional"`
-	// fd
-	Str string `qapi:"str,optional"`
-}
-
 // ServerOptions is NbdServerOptions (--nbd-server).
 type ServerOptions struct {
-	Addr           SocketAddress `qapi:"addr"`
-	TLSCreds       string        `qapi:"tls-creds,optional"`
-	TLSAuthz       string        `qapi:"tls-authz,optional"`
-	MaxConnections uint32        `qapi:"max-connections,optional"`
+	Addr           sockaddr.Address `qapi:"addr"`
+	TLSCreds       string           `qapi:"tls-creds,optional"`
+	TLSAuthz       string           `qapi:"tls-authz,optional"`
+	MaxConnections uint32           `qapi:"max-connections,optional"`
 }
 
 // LegacyServerOptions is nbd-server-start's arguments, whose addr is the
@@ -117,75 +93,11 @@ func (l LegacyServerOptions) Flat() (ServerOptions, error) {
 	}
 	flat := qapi.Clone(data)
 	flat["type"] = t
-	var a SocketAddress
+	var a sockaddr.Address
 	if err := qapi.DecodeValue(flat, &a, qapi.JSON, "addr.data"); err != nil {
 		return ServerOptions{}, err
 	}
 	return ServerOptions{Addr: a, TLSCreds: l.TLSCreds, TLSAuthz: l.TLSAuthz, MaxConnections: l.MaxConnections}, nil
-}
-
-func listen(a SocketAddress) (net.Listener, string, error) {
-	switch a.Type {
-	case "unix":
-		if a.Path == "" {
-			return nil, "", qapi.Errorf(qapi.GenericError, "Parameter 'addr.path' is missing")
-		}
-		path := a.Path
-		if a.Abstract {
-			path = "@" + path
-		} else {
-			_ = os.Remove(path) // QEMU unlinks a stale socket before binding
-		}
-		l, err := net.Listen("unix", path)
-		if err != nil {
-			return nil, "", qapi.Errorf(qapi.GenericError, "Failed to bind socket to %s: %v", a.Path, errors.Unwrap(err))
-		}
-		if a.Abstract {
-			return l, "", nil
-		}
-		return l, path, nil
-	case "inet":
-		port := a.Port
-		if port == "" {
-			port = "10809"
-		}
-		network := "tcp"
-		if a.IPv4 != nil && *a.IPv4 {
-			network = "tcp4"
-		} else if a.IPv6 != nil && *a.IPv6 {
-			network = "tcp6"
-		}
-		l, err := net.Listen(network, net.JoinHostPort(a.Host, port))
-		if err != nil {
-			return nil, "", qapi.Errorf(qapi.GenericError, "Failed to bind socket: %v", err)
-		}
-		return l, "", nil
-	case "vsock":
-		cid, err := strconv.ParseUint(a.CID, 10, 32)
-		if err != nil {
-			return nil, "", qapi.Errorf(qapi.GenericError, "Parameter 'addr.cid' expects a number")
-		}
-		port, err := strconv.ParseUint(a.Port, 10, 32)
-		if err != nil {
-			return nil, "", qapi.Errorf(qapi.GenericError, "Parameter 'addr.port' expects a number")
-		}
-		l, err := vsock.ListenContextID(uint32(cid), uint32(port), nil)
-		if err != nil {
-			return nil, "", qapi.Errorf(qapi.GenericError, "Failed to bind vsock socket: %v", err)
-		}
-		return l, "", nil
-	case "fd":
-		fd, err := strconv.Atoi(a.Str)
-		if err != nil {
-			return nil, "", qapi.Errorf(qapi.GenericError, "File descriptor named '%s' has not been found", a.Str)
-		}
-		l, err := net.FileListener(os.NewFile(uintptr(fd), "nbd-listener"))
-		if err != nil {
-			return nil, "", qapi.Errorf(qapi.GenericError, "File descriptor %d is not a listening socket: %v", fd, err)
-		}
-		return l, "", nil
-	}
-	return nil, "", qapi.Errorf(qapi.GenericError, "Parameter 'addr.type' does not accept value '%s'", a.Type)
 }
 
 // Start starts the NBD server (nbd-server-start, --nbd-server).
@@ -198,9 +110,16 @@ func (m *Manager) Start(o ServerOptions) error {
 	if m.srv != nil {
 		return qapi.Errorf(qapi.GenericError, "NBD server already running")
 	}
-	l, unlink, err := listen(o.Addr)
+	if err := o.Addr.Check(); err != nil {
+		return err
+	}
+	l, err := o.Addr.Listen()
 	if err != nil {
 		return err
+	}
+	unlink := ""
+	if o.Addr.Type == "unix" && !o.Addr.Abstract {
+		unlink = o.Addr.Path
 	}
 	srv := nbd.NewServer(nbd.ServerOptions{Logger: m.log, MaxConnections: int(o.MaxConnections)})
 	m.srv, m.ln, m.unlink = srv, l, unlink
