@@ -22,6 +22,8 @@ func BlockCommands(s *Server, g *graph.Graph, quit func()) {
 		s.Register(c)
 	}
 
+	s.RegisterEvent("BLOCK_EXPORT_DELETED", reflect.TypeOf(exportDeletedEvent{}))
+
 	reg("quit", nil, nil, func(ctx context.Context, args map[string]any) (any, error) {
 		return AfterReply(func() { quit() }), nil
 	})
@@ -116,6 +118,11 @@ func empty(err error) (any, error) {
 
 // Argument types: they decode strictly and describe the commands in
 // query-qmp-schema.
+
+// exportDeletedEvent describes BLOCK_EXPORT_DELETED's data for the schema.
+type exportDeletedEvent struct {
+	ID string `qapi:"id"`
+}
 
 type nodeNameArgs struct {
 	NodeName string `qapi:"node-name"`

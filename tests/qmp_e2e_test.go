@@ -128,15 +128,15 @@ func TestIntegrationQMPSession(t *testing.T) {
 
 	// query-qmp-schema is QEMU's introspection format.
 	schema := run(t, m, "query-qmp-schema", nil).([]any)
-	found := false
+	found := map[string]bool{}
 	for _, e := range schema {
 		em := e.(map[string]any)
-		if em["name"] == "blockdev-add" && em["meta-type"] == "command" {
-			found = true
-		}
+		found[em["meta-type"].(string)+" "+em["name"].(string)] = true
 	}
-	if !found {
-		t.Error("query-qmp-schema does not describe blockdev-add")
+	for _, want := range []string{"command blockdev-add", "command block-export-del", "event BLOCK_EXPORT_DELETED"} {
+		if !found[want] {
+			t.Errorf("query-qmp-schema does not describe %s", want)
+		}
 	}
 }
 
