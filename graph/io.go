@@ -99,21 +99,33 @@ func (n *Node) writable() error {
 	return nil
 }
 
+// beginWrite starts a request that changes [off, off+length): it checks the
+// range, takes the I/O lock shared and checks the node is writable. On
+// success the caller must call end.
+func (n *Node) beginWrite(off, length int64) (Instance, error) {
+	if err := n.checkRange(off, length); err != nil {
+		return nil, err
+	}
+	inst, err := n.begin()
+	if err != nil {
+		return nil, err
+	}
+	if err := n.writable(); err != nil {
+		n.end()
+		return nil, err
+	}
+	return inst, nil
+}
+
 // WriteV writes iov at off. detect-zeroes turns all-zero writes into
 // write-zeroes requests.
 func (n *Node) WriteV(ctx context.Context, off int64, iov [][]byte, flags WriteFlags) error {
 	length := iovLen(iov)
-	if err := n.checkRange(off, length); err != nil {
-		return err
-	}
-	inst, err := n.begin()
+	inst, err := n.beginWrite(off, length)
 	if err != nil {
 		return err
 	}
 	defer n.end()
-	if err := n.writable(); err != nil {
-		return err
-	}
 	n.wrOps.Add(1)
 	n.wrBytes.Add(uint64(length))
 	if n.common.DetectZeroes != "off" && length > 0 && allZero(iov) {
@@ -163,17 +175,11 @@ func (n *Node) Flush(ctx context.Context) error {
 // Discard passes a discard down when the node's discard option is "unmap";
 // otherwise (and for drivers without Discarder) it does nothing, as QEMU.
 func (n *Node) Discard(ctx context.Context, off, length int64) error {
-	if err := n.checkRange(off, length); err != nil {
-		return err
-	}
-	inst, err := n.begin()
+	inst, err := n.beginWrite(off, length)
 	if err != nil {
 		return err
 	}
 	defer n.end()
-	if err := n.writable(); err != nil {
-		return err
-	}
 	if !n.common.Discard.Unmap() || length == 0 {
 		return nil
 	}
@@ -192,17 +198,11 @@ func (n *Node) Discard(ctx context.Context, off, length int64) error {
 // when discard=unmap. Without an efficient driver method the graph writes
 // zero buffers, unless ZeroNoFallback is set.
 func (n *Node) WriteZeroes(ctx context.Context, off, length int64, flags ZeroFlags) error {
-	if err := n.checkRange(off, length); err != nil {
-		return err
-	}
-	inst, err := n.begin()
+	inst, err := n.beginWrite(off, length)
 	if err != nil {
 		return err
 	}
 	defer n.end()
-	if err := n.writable(); err != nil {
-		return err
-	}
 	n.wrOps.Add(1)
 	if !n.common.Discard.Unmap() {
 		flags &^= ZeroMayUnmap
