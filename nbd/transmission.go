@@ -161,17 +161,6 @@ func (c *conn) transmit() {
 			release()
 			continue
 		}
-		// With nothing else in flight and no further request already
-		// received, run the request on this goroutine: a queue-depth-1
-		// client then pays no goroutine hand-off per request. Anything
-		// arriving meanwhile waits at most this one request's service time.
-		if len(c.slots) == 1 && c.br.Buffered() == 0 {
-			c.inflight.Add(1)
-			c.handle(req, payload)
-			release()
-			c.inflight.Done()
-			continue
-		}
 		c.inflight.Add(1)
 		go func() {
 			defer c.inflight.Done()
