@@ -35,7 +35,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
 	"sync"
 	"sync/atomic"
 
@@ -386,14 +385,4 @@ func (g *Graph) Close() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// sortedNames is a helper for deterministic output.
-func sortedNames(m map[string]*Node) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }

@@ -129,7 +129,9 @@ func (g *Graph) openNodeLocked(ctx context.Context, opts map[string]any, mode qa
 
 	inst, err := drv.Open(ctx, &OpenContext{g: g, node: n, txn: txn}, dopts)
 	if err != nil {
-		g.discardLocked(n)
+		// The driver may have attached children before failing: detach
+		// them, closing the implicit ones.
+		g.removeNodeLocked(n)
 		return nil, err
 	}
 	n.inst = inst
@@ -138,12 +140,6 @@ func (g *Graph) openNodeLocked(ctx context.Context, opts map[string]any, mode qa
 		return nil, err
 	}
 	return n, nil
-}
-
-// discardLocked removes a node whose Open failed: its children (already
-// attached by the driver) are detached and, if implicit, closed.
-func (g *Graph) discardLocked(n *Node) {
-	g.removeNodeLocked(n)
 }
 
 func (g *Graph) openChild(ctx context.Context, oc *OpenContext, name string, ref *ChildRef, role Role, optional bool) (*Child, error) {

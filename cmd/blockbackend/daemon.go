@@ -12,11 +12,13 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"blockbackend/graph"
+	"blockbackend/nbd/nbdexport"
 	"blockbackend/qmp"
 	"blockbackend/qmp/keyval"
 	"blockbackend/qmp/qapi"
@@ -125,9 +127,10 @@ type daemon struct {
 	g        *graph.Graph
 	qmp      *qmp.Server
 	chardevs map[string]*chardev
-	nbd      *nbdServer
 	pidfile  string
+	pidfileF *os.File // kept open: its lock stops a second daemon
 	quit     chan struct{}
+	quitOnce sync.Once
 }
 
 type chardev struct {
@@ -184,14 +187,11 @@ func runDaemon(args []string) int {
 	d.g = graph.New(d.log)
 	d.qmp = qmp.NewServer(qmp.ServerOptions{Version: qemuVersion, Logger: d.log})
 	d.g.Events = d.qmp.Emit
-	var quitOnce bool
-	qmp.BlockCommands(d.qmp, d.g, func() {
-		if !quitOnce {
-			quitOnce = true
-			close(d.quit)
-		}
-	})
-	d.registerNBDCommands()
+	// quit may come from several monitors at once (its hook runs after the
+	// reply, on its own goroutine).
+	qmp.BlockCommands(d.qmp, d.g, func() { d.quitOnce.Do(func() { close(d.quit) }) })
+	nbdexport.SetLogger(d.log)
+	qmp.NBDCommands(d.qmp, d.g)
 
 	for _, o := range opts {
 		if err := d.apply(o); err != nil {
@@ -205,10 +205,12 @@ func runDaemon(args []string) int {
 		}
 	}
 	if d.pidfile != "" {
-		if err := writePidfile(d.pidfile); err != nil {
+		f, err := writePidfile(d.pidfile)
+		if err != nil {
 			d.shutdown()
 			return fatalf("cannot create PID file: %v", err)
 		}
+		d.pidfileF = f
 	}
 	if daemonize {
 		if err := daemonReady(); err != nil {
@@ -239,14 +241,15 @@ func errText(err error) string {
 
 func (d *daemon) shutdown() {
 	_ = d.qmp.Close()
-	if d.nbd != nil {
-		d.nbd.stop()
+	if nbdexport.Default().Running() {
+		_ = qmp.StopNBD(context.Background(), d.g)
 	}
 	if err := d.g.Close(); err != nil {
 		d.log.Error("closing block nodes", "err", err)
 	}
-	if d.pidfile != "" {
+	if d.pidfileF != nil {
 		_ = os.Remove(d.pidfile)
+		_ = d.pidfileF.Close()
 	}
 }
 
@@ -307,7 +310,11 @@ func (d *daemon) apply(o option) error {
 		if err != nil {
 			return err
 		}
-		return d.startNBD(m, modeOf(isJSON))
+		var so nbdexport.ServerOptions
+		if err := qapi.Decode(m, &so, modeOf(isJSON)); err != nil {
+			return err
+		}
+		return nbdexport.Default().Start(so)
 	}
 	return fmt.Errorf("unhandled option --%s", o.name)
 }
@@ -385,32 +392,29 @@ func (stdioConn) Close() error                { return nil }
 
 var _ io.ReadWriteCloser = stdioConn{}
 
-// writePidfile writes our pid and keeps a write lock on the file, so a
-// second daemon with the same pidfile fails, as QEMU's does.
-func writePidfile(path string) error {
+// writePidfile writes our pid and takes a write lock on the file, so a
+// second daemon with the same pidfile fails, as QEMU's does. The lock
+// lasts while the returned file stays open.
+func writePidfile(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0}
 	if err := unix.FcntlFlock(f.Fd(), unix.F_SETLK, &lk); err != nil {
 		f.Close()
-		return fmt.Errorf("Cannot lock pid file: %w", err)
+		return nil, fmt.Errorf("Cannot lock pid file: %w", err)
 	}
 	if err := f.Truncate(0); err != nil {
 		f.Close()
-		return err
+		return nil, err
 	}
 	if _, err := f.WriteString(strconv.Itoa(os.Getpid()) + "\n"); err != nil {
 		f.Close()
-		return err
+		return nil, err
 	}
-	// Kept open (and locked) for the life of the process.
-	pidfileHandle = f
-	return nil
+	return f, nil
 }
-
-var pidfileHandle *os.File
 
 // daemonEnv marks the re-executed child of --daemonize; its value is the
 // fd of the pipe on which the child reports that start-up is complete.

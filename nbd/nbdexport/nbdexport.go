@@ -7,7 +7,6 @@ package nbdexport
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -32,9 +31,8 @@ type Manager struct {
 	log *slog.Logger
 
 	mu     sync.Mutex
-	srv    *nbd.Server  // nil while not running; guarded by mu
-	ln     net.Listener // guarded by mu
-	unlink string       // socket path to remove on stop; guarded by mu
+	srv    *nbd.Server // nil while not running; guarded by mu
+	unlink string      // socket path to remove on stop; guarded by mu
 	names  map[string]*export
 }
 
@@ -122,7 +120,7 @@ func (m *Manager) Start(o ServerOptions) error {
 		unlink = o.Addr.Path
 	}
 	srv := nbd.NewServer(nbd.ServerOptions{Logger: m.log, MaxConnections: int(o.MaxConnections)})
-	m.srv, m.ln, m.unlink = srv, l, unlink
+	m.srv, m.unlink = srv, unlink
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, net.ErrClosed) {
 			m.log.Error("NBD server stopped", "err", err)
@@ -147,23 +145,12 @@ func (m *Manager) Stop() error {
 		return qapi.Errorf(qapi.GenericError, "NBD server not running")
 	}
 	err := m.srv.Close()
-	m.srv, m.ln = nil, nil
+	m.srv = nil
 	if m.unlink != "" {
 		_ = os.Remove(m.unlink)
 		m.unlink = ""
 	}
 	return err
-}
-
-// Exports lists the ids of the graph exports this manager serves.
-func (m *Manager) Exports() []string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var ids []string
-	for _, e := range m.names {
-		ids = append(ids, e.e.ID())
-	}
-	return ids
 }
 
 type export struct {
@@ -278,6 +265,3 @@ func (b *backend) BlockStatus(ctx context.Context, off, n int64) (zero, data boo
 	}
 	return ext.Status&graph.StatusZero != 0, ext.Status&graph.StatusData != 0, ext.Length, nil
 }
-
-// String describes the manager for logs.
-func (m *Manager) String() string { return fmt.Sprintf("nbd manager (running=%v)", m.Running()) }
