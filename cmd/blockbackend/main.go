@@ -15,6 +15,7 @@ import (
 	_ "blockbackend/drivers/file"
 	_ "blockbackend/drivers/null"
 	_ "blockbackend/drivers/raw"
+	_ "blockbackend/vhostuser/blk"
 )
 
 // progName prefixes error messages, as qemu-storage-daemon's name does.
