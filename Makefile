@@ -28,9 +28,13 @@ check:
 	$(GO) vet ./...
 
 # The whole suite: unit tests, fuzz seeds, end-to-end tests against real
-# QEMU tools, all with the race detector.
+# QEMU tools, all with the race detector. The vhost-user frontend's tests
+# run twice: against qemu-storage-daemon (proving the tests) and against
+# our binary.
 test: deps check
 	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) build -race -o bin/blockbackend-race ./cmd/blockbackend
+	VHOST_USER_BLK_BACKEND=$(CURDIR)/bin/blockbackend-race $(GO) test -race -count=1 -timeout 10m ./vhostuser/frontend/
 
 # Run every fuzz target for FUZZTIME each (not part of `make test`).
 FUZZTIME ?= 200000x

@@ -391,11 +391,7 @@ func (s *session) handle(m *Message) (replied bool, err error) {
 		// The log-sync eventfd: we never need to wait for the frontend.
 		return false, nil
 	case SetVringNum:
-		st, err := ParseVringState(m.Payload)
-		if err != nil {
-			return false, err
-		}
-		q, err := s.queue(st.Index)
+		st, q, err := s.vringState(m)
 		if err != nil {
 			return false, err
 		}
@@ -418,22 +414,14 @@ func (s *session) handle(m *Message) (replied bool, err error) {
 		q.addrSet = true
 		return false, nil
 	case SetVringBase:
-		st, err := ParseVringState(m.Payload)
-		if err != nil {
-			return false, err
-		}
-		q, err := s.queue(st.Index)
+		st, q, err := s.vringState(m)
 		if err != nil {
 			return false, err
 		}
 		q.base = st.Num
 		return false, nil
 	case GetVringBase:
-		st, err := ParseVringState(m.Payload)
-		if err != nil {
-			return false, err
-		}
-		q, err := s.queue(st.Index)
+		st, q, err := s.vringState(m)
 		if err != nil {
 			return false, err
 		}
@@ -479,11 +467,7 @@ func (s *session) handle(m *Message) (replied bool, err error) {
 		}
 		return false, nil
 	case SetVringEnable:
-		st, err := ParseVringState(m.Payload)
-		if err != nil {
-			return false, err
-		}
-		q, err := s.queue(st.Index)
+		st, q, err := s.vringState(m)
 		if err != nil {
 			return false, err
 		}
@@ -583,6 +567,16 @@ func (s *session) handle(m *Message) (replied bool, err error) {
 		return reply(U64(uint64(s.status)))
 	}
 	return false, fmt.Errorf("unsupported request %v", m.Request())
+}
+
+// vringState parses a vring state payload and finds its queue.
+func (s *session) vringState(m *Message) (VringState, *queue, error) {
+	st, err := ParseVringState(m.Payload)
+	if err != nil {
+		return st, nil, err
+	}
+	q, err := s.queue(st.Index)
+	return st, q, err
 }
 
 // inflightPerQueue sizes one queue's inflight region so that either ring

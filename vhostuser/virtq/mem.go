@@ -219,45 +219,49 @@ func (m *Memory) Regions() []Region {
 	return rs
 }
 
-// Guest returns the n bytes at guest physical address addr, which must lie
-// in one region.
-func (m *Memory) Guest(addr, n uint64) ([]byte, error) {
+// find returns the mapping holding guest address (or, with user, frontend
+// user address) addr and addr's offset in it.
+func (m *Memory) find(addr uint64, user bool) (*mapping, uint64) {
 	for _, mp := range m.maps {
-		if addr >= mp.GuestAddr && addr-mp.GuestAddr < mp.Size {
-			off := addr - mp.GuestAddr
-			if n > mp.Size-off {
-				break
-			}
-			return mp.data[off : off+n : off+n], nil
+		base := mp.GuestAddr
+		if user {
+			base = mp.UserAddr
+		}
+		if addr >= base && addr-base < mp.Size {
+			return mp, addr - base
 		}
 	}
-	return nil, fmt.Errorf("guest address %#x+%d: %w", addr, n, ErrBadAddress)
+	return nil, 0
 }
+
+func (m *Memory) slice(addr, n uint64, user bool) ([]byte, error) {
+	mp, off := m.find(addr, user)
+	if mp == nil || n > mp.Size-off {
+		space := "guest"
+		if user {
+			space = "user"
+		}
+		return nil, fmt.Errorf("%s address %#x+%d: %w", space, addr, n, ErrBadAddress)
+	}
+	return mp.data[off : off+n : off+n], nil
+}
+
+// Guest returns the n bytes at guest physical address addr, which must lie
+// in one region.
+func (m *Memory) Guest(addr, n uint64) ([]byte, error) { return m.slice(addr, n, false) }
 
 // User returns the n bytes at frontend user address addr, which must lie
 // in one region.
-func (m *Memory) User(addr, n uint64) ([]byte, error) {
-	for _, mp := range m.maps {
-		if addr >= mp.UserAddr && addr-mp.UserAddr < mp.Size {
-			off := addr - mp.UserAddr
-			if n > mp.Size-off {
-				break
-			}
-			return mp.data[off : off+n : off+n], nil
-		}
-	}
-	return nil, fmt.Errorf("user address %#x+%d: %w", addr, n, ErrBadAddress)
-}
+func (m *Memory) User(addr, n uint64) ([]byte, error) { return m.slice(addr, n, true) }
 
 // userToGuest translates a frontend user address into a guest physical
 // one (for the dirty log).
 func (m *Memory) userToGuest(addr uint64) (uint64, bool) {
-	for _, mp := range m.maps {
-		if addr >= mp.UserAddr && addr-mp.UserAddr < mp.Size {
-			return mp.GuestAddr + addr - mp.UserAddr, true
-		}
+	mp, off := m.find(addr, true)
+	if mp == nil {
+		return 0, false
 	}
-	return 0, false
+	return mp.GuestAddr + off, true
 }
 
 // AppendIOV appends the bytes at guest address [addr, addr+n) to iov as
@@ -268,17 +272,10 @@ func (m *Memory) AppendIOV(iov [][]byte, addr, n uint64) ([][]byte, error) {
 		return iov, fmt.Errorf("guest address %#x+%d: %w", addr, n, ErrBadAddress)
 	}
 	for n > 0 {
-		var mp *mapping
-		for _, o := range m.maps {
-			if addr >= o.GuestAddr && addr-o.GuestAddr < o.Size {
-				mp = o
-				break
-			}
-		}
+		mp, off := m.find(addr, false)
 		if mp == nil {
 			return iov, fmt.Errorf("guest address %#x+%d: %w", addr, n, ErrBadAddress)
 		}
-		off := addr - mp.GuestAddr
 		k := min(n, mp.Size-off)
 		iov = append(iov, mp.data[off:off+k:off+k])
 		addr += k
