@@ -29,7 +29,6 @@ type backendTraits struct {
 	segMax     uint32 // expected seg_max (0: not checked)
 	serial     string // expected GET_ID (empty: not checked)
 	proto72    uint64 // expected protocol features with QEMU72 (0: not checked)
-	maxQueues  uint64 // expected GET_QUEUE_NUM (0: not checked)
 	discardsTo string // "zeroes" if discard=unmap makes reads return zeroes
 	// crashes lists the hostile cases known to kill the backend.
 	crashes map[string]string
