@@ -288,7 +288,10 @@ func (s *session) handle(m *Message) (replied bool, err error) {
 		if err != nil {
 			return false, err
 		}
+		// Under bmu: configChanged reads it from other goroutines.
+		s.bmu.Lock()
 		s.protocol = f & protocolFeatures
+		s.bmu.Unlock()
 		return false, nil
 	case GetQueueNum:
 		return reply(U64(uint64(len(s.queues))))
@@ -648,12 +651,9 @@ func (s *session) setLogging() {
 }
 
 func (s *session) configChanged() bool {
-	if s.protocol&(1<<ProtoBackendReq) == 0 || s.protocol&(1<<ProtoConfig) == 0 {
-		return false
-	}
 	s.bmu.Lock()
 	defer s.bmu.Unlock()
-	if s.backend == nil {
+	if s.protocol&(1<<ProtoBackendReq) == 0 || s.protocol&(1<<ProtoConfig) == 0 || s.backend == nil {
 		return false
 	}
 	if err := s.backend.Write(uint32(BackendConfigChangeMsg), 0, nil); err != nil {

@@ -48,10 +48,14 @@ const (
 
 // Limits advertised in config space. seg_max is qemu-storage-daemon's
 // (queue size 128 minus header and status), which fits every queue size
-// QEMU uses even without indirect descriptors.
+// QEMU uses even without indirect descriptors. size_max is 64 KiB because
+// SeaBIOS sizes its requests as (u16)(size_max*seg_max/512) computed in 32
+// bits: with 1 GiB that is 0, and the firmware loops on empty reads, so a
+// guest cannot boot from the disk. 126 segments of 64 KiB still allow 8
+// MiB requests.
 const (
 	segMax         = 126
-	sizeMax        = 1 << 30
+	sizeMax        = 64 << 10
 	maxDiscardSecs = 1 << 22 // 2 GiB a segment; punching holes is cheap
 	maxDiscardSeg  = 128
 	maxZeroesSecs  = 1 << 22
