@@ -1,0 +1,567 @@
+// Command vhost compares blockbackend's vhost-user-blk export with
+// qemu-storage-daemon's, without a guest: the Go vhost-user frontend in
+// vhostuser/frontend plays QEMU's part (QEMU 7.2's handshake and feature
+// set, split rings with EVENT_IDX and indirect descriptors by default)
+// and drives each backend's virtqueues directly.
+//
+//	go run ./bench/vhost [-runs 5] [-time 3s] [-size 1G] [-jobs REGEXP] [-json]
+//
+// Both backends serve the same raw image on tmpfs (a byte-identical copy
+// each), filled with data so that reads copy real pages, with the same
+// command line (file node, cache.direct=off, aio=threads). For each run
+// and each num-queues setting (1, then 2) both backends are started
+// afresh and connected once; then every job runs on each in turn (qsd,
+// ours; ours, qsd; ... alternating who goes first): 4 KiB random reads
+// and writes at total queue depth 1 and 32, 1 MiB sequential reads and
+// writes at total queue depth 4. With two queues both are driven and the
+// total depth is split between them (QD32 becomes 2x16, QD4 2x2, and QD1
+// becomes 2x1: one request on each queue). Each job runs
+// -time after a -warmup that is not measured.
+//
+// Reported per job, as the median over runs: IOPS (4 KiB) or MB/s
+// (1 MiB), the median completion latency (p50, submit to reap, which
+// includes the frontend's own overhead, the same for both), and the
+// backend process's CPU time per I/O (utime+stime of all its threads from
+// /proc/PID/stat, read just before and after the measured part of the
+// job). Then the targets: ours >= 1.2x qsd's IOPS at 4 KiB QD32, p50 <=
+// 0.85x qsd's at QD1, >= 1.0x qsd's bandwidth for 1 MiB sequential.
+//
+// -backend replaces our binary (by default built from ./cmd/blockbackend,
+// without -race) by another one taking the same command line; passing
+// qemu-storage-daemon itself is the sanity check of the tool: the ratios
+// should then be close to 1. -packed asks for packed rings, which qsd 7.2
+// does not offer: only ours is measured then.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	vu "blockbackend/vhostuser"
+	"blockbackend/vhostuser/frontend"
+)
+
+// jobSpec is one measured job on one num-queues setting.
+type jobSpec struct {
+	Name      string `json:"name"`
+	Queues    int    `json:"queues"`
+	PerQueue  int    `json:"depth_per_queue"`
+	BlockSize int    `json:"block_size"`
+	Random    bool   `json:"random"`
+	Write     bool   `json:"write"`
+	// class groups jobs for the targets: "qd1", "qd32" or "seq".
+	class string
+}
+
+// jobsFor lists the jobs for one num-queues setting. depth is the total
+// over all queues, split evenly (at least one per queue).
+func jobsFor(queues int) []jobSpec {
+	var js []jobSpec
+	add := func(bs int, random, write bool, depth int, class string) {
+		per := max(depth/queues, 1)
+		qd := strconv.Itoa(depth)
+		if queues > 1 {
+			qd = fmt.Sprintf("%dx%d", queues, per)
+		}
+		kind := map[bool]string{false: "seq", true: "rand"}[random] + map[bool]string{false: "read", true: "write"}[write]
+		size := "4k"
+		if bs >= 1<<20 {
+			size = strconv.Itoa(bs>>20) + "M"
+		}
+		js = append(js, jobSpec{Name: size + " " + kind + " QD" + qd, Queues: queues, PerQueue: per,
+			BlockSize: bs, Random: random, Write: write, class: class})
+	}
+	for _, w := range []bool{false, true} {
+		add(4096, true, w, 1, "qd1")
+		add(4096, true, w, 32, "qd32")
+	}
+	for _, w := range []bool{false, true} {
+		add(1<<20, false, w, 4, "seq")
+	}
+	return js
+}
+
+// sample is one measured job on one backend in one run.
+type sample struct {
+	Run      int     `json:"run,omitempty"`
+	IOPS     float64 `json:"iops"`
+	MBps     float64 `json:"mbps"`
+	P50us    float64 `json:"p50_us"`
+	P99us    float64 `json:"p99_us"`
+	MaxUs    float64 `json:"max_us,omitempty"`
+	CPUusPIO float64 `json:"cpu_us_per_io"`
+	IOs      int64   `json:"ios"`
+	Errors   int64   `json:"errors"`
+}
+
+type backendSpec struct {
+	Name  string `json:"name"`
+	Bin   string `json:"binary"`
+	Image string `json:"image"`
+}
+
+type config struct {
+	flags
+	Backends []backendSpec `json:"backends"`
+	Dir      string        `json:"dir"`
+	Frontend string        `json:"frontend"`
+}
+
+type flags struct {
+	Size      int64         `json:"size"`
+	Runs      int           `json:"runs"`
+	Time      time.Duration `json:"time_ns"`
+	Warmup    time.Duration `json:"warmup_ns"`
+	Jobs      string        `json:"jobs"`
+	Backend   string        `json:"backend,omitempty"`
+	JSON      bool          `json:"-"`
+	Profile   string        `json:"profile"`
+	EventIdx  bool          `json:"event_idx"`
+	Indirect  bool          `json:"indirect"`
+	Packed    bool          `json:"packed"`
+	QueueSize int           `json:"queue_size"`
+	Queues    string        `json:"queues"`
+}
+
+func main() {
+	var fl flags
+	size := flag.String("size", "1G", "image size (suffixes K, M, G)")
+	flag.IntVar(&fl.Runs, "runs", 5, "runs per backend (medians are reported)")
+	flag.DurationVar(&fl.Time, "time", 3*time.Second, "measured time per job")
+	flag.DurationVar(&fl.Warmup, "warmup", 500*time.Millisecond, "unmeasured warm-up before each job")
+	flag.StringVar(&fl.Jobs, "jobs", "", "run only jobs whose name matches this regexp (e.g. 'QD32|QD2x16')")
+	flag.StringVar(&fl.Backend, "backend", "", "binary to measure as \"ours\" instead of building ./cmd/blockbackend (qemu-storage-daemon: sanity check)")
+	flag.BoolVar(&fl.JSON, "json", false, "print the results as JSON instead of a table")
+	flag.StringVar(&fl.Profile, "profile", frontend.QEMU72.Name, "frontend profile (QEMU release whose handshake and features to use)")
+	flag.BoolVar(&fl.EventIdx, "eventidx", true, "negotiate VIRTIO_RING_F_EVENT_IDX")
+	flag.BoolVar(&fl.Indirect, "indirect", true, "negotiate VIRTIO_RING_F_INDIRECT_DESC")
+	flag.BoolVar(&fl.Packed, "packed", false, "use packed rings (qsd 7.2 has none: measures only ours)")
+	flag.IntVar(&fl.QueueSize, "queue-size", 128, "virtqueue size (QEMU's default is 128)")
+	flag.StringVar(&fl.Queues, "queues", "1,2", "num-queues settings to run, comma-separated")
+	flag.Parse()
+	var err error
+	if fl.Size, err = parseSize(*size); err != nil {
+		fail("-size: %v", err)
+	}
+	if fl.Runs < 1 || fl.Time <= 0 || fl.Warmup < 0 {
+		fail("-runs must be >= 1, -time > 0, -warmup >= 0")
+	}
+	if fl.QueueSize < 1 || fl.QueueSize > 32768 || fl.QueueSize&(fl.QueueSize-1) != 0 {
+		fail("-queue-size %d: not a power of two up to 32768", fl.QueueSize)
+	}
+	jobRE, err := regexp.Compile(fl.Jobs)
+	if err != nil {
+		fail("-jobs: %v", err)
+	}
+	prof, ok := profileByName(fl.Profile)
+	if !ok {
+		fail("-profile %q: unknown (have %s)", fl.Profile, profileNames())
+	}
+	var queueSettings []int
+	for _, s := range strings.Split(fl.Queues, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		// The bench buffers of one connection must fit the frontend's
+		// 256 MiB of guest memory.
+		if err != nil || n < 1 || n > 16 {
+			fail("-queues: %q is not a queue count", s)
+		}
+		queueSettings = append(queueSettings, n)
+	}
+	if _, err := exec.LookPath("qemu-storage-daemon"); err != nil && !fl.Packed {
+		fail("qemu-storage-daemon not found: apt-get install qemu-system-x86 (Debian 12: qemu-system-common ships it)")
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	base := "/dev/shm"
+	if st, err := os.Stat(base); err != nil || !st.IsDir() {
+		base = os.TempDir()
+		fmt.Fprintf(os.Stderr, "bench/vhost: no /dev/shm, image in %s (may not be tmpfs)\n", base)
+	}
+	dir, err := os.MkdirTemp(base, "bbvhost")
+	if err != nil {
+		fail("%v", err)
+	}
+	defer os.RemoveAll(dir)
+	exit := func(format string, a ...any) {
+		os.RemoveAll(dir)
+		fail(format, a...)
+	}
+
+	ours := fl.Backend
+	if ours == "" {
+		ours = filepath.Join(dir, "blockbackend")
+		if err := buildOurs(ours); err != nil {
+			exit("%v", err)
+		}
+	} else if p, err := exec.LookPath(ours); err != nil {
+		exit("-backend: %v", err)
+	} else {
+		ours = p
+	}
+	cfg := config{flags: fl, Dir: dir}
+	if !fl.Packed {
+		qsd, _ := exec.LookPath("qemu-storage-daemon")
+		cfg.Backends = append(cfg.Backends, backendSpec{"qsd", qsd, filepath.Join(dir, "disk-qsd.img")})
+	}
+	cfg.Backends = append(cfg.Backends, backendSpec{"ours", ours, filepath.Join(dir, "disk-ours.img")})
+	ring := map[bool]string{false: "split", true: "packed"}[fl.Packed]
+	cfg.Frontend = fmt.Sprintf("%s, %s rings, event-idx=%v indirect=%v, queue size %d", prof.Name,
+		ring, fl.EventIdx, fl.Indirect, fl.QueueSize)
+	// One copy of the same image per backend: both processes stay up
+	// during a num-queues setting, and two writers on one image would
+	// depend on their image locking agreeing (each export shares
+	// everything in qsd), which is not what is measured here.
+	var paths []string
+	for _, b := range cfg.Backends {
+		paths = append(paths, b.Image)
+	}
+	if err := makeImages(paths, fl.Size); err != nil {
+		exit("%v", err)
+	}
+
+	var jobs []jobSpec
+	for _, nq := range queueSettings {
+		for _, j := range jobsFor(nq) {
+			if jobRE.MatchString(j.Name) {
+				jobs = append(jobs, j)
+			}
+		}
+	}
+	if len(jobs) == 0 {
+		exit("-jobs %q matches no job (names look like \"4k randread QD32\", \"1M seqwrite QD2x2\")", fl.Jobs)
+	}
+
+	res := newResults(cfg, jobs)
+	res.LoadBefore = loadavg()
+	fo := frontend.Options{Profile: prof, QueueSize: uint16(fl.QueueSize), EventIdx: fl.EventIdx,
+		Indirect: fl.Indirect, Packed: fl.Packed,
+		// Room for the bench buffers of every job on one connection
+		// (they are not freed until Close): 1 MiB x 4 x 2 (warm-up).
+		MemSize: 256 << 20,
+		// A backend that stops completing requests fails the job
+		// instead of hanging the benchmark.
+		IOTimeout: 10 * time.Second,
+	}
+	logf("image %d MiB in %s, frontend %s", fl.Size>>20, dir, cfg.Frontend)
+	for _, b := range cfg.Backends {
+		logf("%s = %s on %s", b.Name, b.Bin, b.Image)
+	}
+	for run := 0; run < fl.Runs && ctx.Err() == nil; run++ {
+		for _, nq := range queueSettings {
+			var js []jobSpec
+			for _, j := range jobs {
+				if j.Queues == nq {
+					js = append(js, j)
+				}
+			}
+			if len(js) == 0 {
+				continue
+			}
+			o := fo
+			o.NumQueues = nq
+			runSetting(ctx, res, cfg.Backends, dir, o, js, run)
+		}
+	}
+	if ctx.Err() != nil {
+		exit("interrupted")
+	}
+	res.LoadAfter = loadavg()
+	res.summarise()
+	if fl.JSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(res); err != nil {
+			exit("%v", err)
+		}
+	} else {
+		res.print(os.Stdout)
+	}
+}
+
+// live is one backend started and connected for one num-queues setting.
+type live struct {
+	spec backendSpec
+	srv  *server
+	f    *frontend.Frontend
+	span int64
+	err  error // set once it failed: its remaining jobs are skipped
+}
+
+// runSetting starts every backend with o.NumQueues queues, connects to
+// each once, then runs the jobs in order, each on every backend in turn
+// (alternately qsd or ours first), so that the two measurements of a job
+// are seconds apart and share the machine's background load. A backend that fails is
+// skipped for the rest of the setting (its jobs are recorded as failed).
+func runSetting(ctx context.Context, res *results, backends []backendSpec, dir string, o frontend.Options, js []jobSpec, run int) {
+	var ls []*live
+	defer func() {
+		for _, l := range ls {
+			if l.f != nil {
+				l.f.Close()
+			}
+			if l.srv != nil {
+				if err := l.srv.stop(); err != nil {
+					logf("run %d q=%d: %v", run+1, o.NumQueues, err)
+				}
+			}
+		}
+	}()
+	for _, b := range backends {
+		l := &live{spec: b}
+		ls = append(ls, l)
+		l.srv, l.err = startServer(ctx, b.Name, b.Bin, b.Image, filepath.Join(dir, b.Name+".sock"), o.NumQueues)
+		if l.err != nil {
+			continue
+		}
+		if l.f, l.err = l.srv.dial(ctx, o); l.err != nil {
+			l.err = fmt.Errorf("connect: %w", l.err)
+			continue
+		}
+		virtio, proto := l.f.Features()
+		res.negotiated(b.Name, o.NumQueues, virtio, proto)
+		if o.Packed && virtio&(1<<vu.FRingPacked) == 0 {
+			l.err = fmt.Errorf("packed rings requested but not negotiated (features %#x)", virtio)
+			continue
+		}
+		cfg, err := l.f.Config()
+		if err != nil {
+			l.err = err
+			continue
+		}
+		l.span = int64(cfg.Capacity) * frontend.SectorSize
+	}
+	for _, l := range ls {
+		if l.err != nil {
+			logf("run %d q=%d %s: %v", run+1, o.NumQueues, l.spec.Name, l.err)
+		}
+	}
+	for ji, j := range js {
+		// Who goes first alternates from job to job and run to run, so
+		// that neither backend always follows the other (a position
+		// bias of up to 20% showed in qsd-vs-qsd runs without this).
+		order := slices.Clone(ls)
+		if (run+ji)%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, l := range order {
+			if ctx.Err() != nil {
+				return
+			}
+			if l.err != nil {
+				res.fail(j, l.spec.Name, run, l.err)
+				continue
+			}
+			smp, err := measure(ctx, res.Config.flags, l, ls, j, run)
+			if err != nil {
+				l.err = fmt.Errorf("%s: %w", j.Name, err)
+				res.fail(j, l.spec.Name, run, err)
+				logf("run %d %-20s %-5s %v", run+1, j.Name, l.spec.Name, err)
+				continue
+			}
+			if smp.Errors > 0 {
+				res.fail(j, l.spec.Name, run, fmt.Errorf("%d of %d requests completed with an error status", smp.Errors, smp.IOs))
+			} else {
+				res.add(j, l.spec.Name, smp)
+			}
+			logf("run %d %-20s %-5s %9.0f IOPS %8.1f MB/s  p50 %7.1fµs p99 %7.1fµs  cpu %6.2fµs/IO%s",
+				run+1, j.Name, l.spec.Name, smp.IOPS, smp.MBps, smp.P50us, smp.P99us, smp.CPUusPIO,
+				map[bool]string{false: "", true: fmt.Sprintf("  %d ERRORS", smp.Errors)}[smp.Errors > 0])
+		}
+	}
+}
+
+// measure runs one job on l: a warm-up, then the measured part with the
+// backend's CPU time read around it. It also reads the CPU time of the
+// other, idle backends: one that burns CPU while idle (busy polling)
+// steals it from the one being measured on a small machine, which the
+// results should say.
+func measure(ctx context.Context, fl flags, l *live, all []*live, j jobSpec, run int) (sample, error) {
+	queues := make([]int, j.Queues)
+	for q := range queues {
+		queues[q] = q
+	}
+	bo := frontend.BenchOptions{Queues: queues, Depth: j.PerQueue, BlockSize: j.BlockSize, Random: j.Random,
+		Write: j.Write, Span: l.span, Seed: uint64(run + 1)}
+	if fl.Warmup > 0 {
+		bo.Duration = fl.Warmup
+		if _, err := frontend.Bench(ctx, l.f, bo); err != nil {
+			return sample{}, fmt.Errorf("warm-up: %w", err)
+		}
+	}
+	bo.Duration = fl.Time
+	bo.Seed += 1 << 32 // the measured part does not replay the warm-up's offsets
+	idle0 := map[*live]int64{}
+	for _, o := range all {
+		if o != l && o.srv != nil {
+			idle0[o], _ = o.srv.cpuTicks()
+		}
+	}
+	t0, err0 := l.srv.cpuTicks()
+	r, err := frontend.Bench(ctx, l.f, bo)
+	t1, err1 := l.srv.cpuTicks()
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err == nil {
+		err = firstErr(err0, err1)
+	}
+	if err != nil {
+		return sample{}, err
+	}
+	for o, t := range idle0 {
+		if t2, err := o.srv.cpuTicks(); err == nil && time.Duration(t2-t)*clockTick > r.Elapsed/20 {
+			logf("warning: %s used %v of CPU while idle during %s's %s (more than 5%% of a core): it competes with the measured backend",
+				o.spec.Name, time.Duration(t2-t)*clockTick, l.spec.Name, j.Name)
+		}
+	}
+	smp := sample{Run: run + 1, IOPS: r.IOPS(), MBps: r.MBps(), P50us: us(r.P50), P99us: us(r.P99), MaxUs: us(r.Max), IOs: r.IOs, Errors: r.Errors}
+	if r.IOs > 0 {
+		smp.CPUusPIO = us(time.Duration(t1-t0)*clockTick) / float64(r.IOs)
+	}
+	return smp, nil
+}
+
+func buildOurs(out string) error {
+	root, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return fmt.Errorf("go env GOMOD: %w", err)
+	}
+	mod := strings.TrimSpace(string(root))
+	if mod == "" || mod == os.DevNull {
+		return fmt.Errorf("run from inside the blockbackend module (or pass -backend)")
+	}
+	// Not -race: the race detector multiplies the cost of every memory
+	// access and would measure itself.
+	cmd := exec.Command("go", "build", "-o", out, "./cmd/blockbackend")
+	cmd.Dir = filepath.Dir(mod)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build ./cmd/blockbackend: %w\n%s", err, b)
+	}
+	return nil
+}
+
+// makeImages writes identical raw images full of non-zero data, so that
+// every page exists in tmpfs and reads copy real data rather than the
+// zero page. The files are written a MiB at a time in turn, so that their
+// pages come from the allocator alike: an image written entirely after
+// another read back ~15% faster in 1 MiB sequential reads here, in
+// qsd-vs-qsd runs, whichever backend had it.
+func makeImages(paths []string, size int64) (err error) {
+	if size <= 0 || size%(1<<20) != 0 {
+		return fmt.Errorf("image size %d is not a positive multiple of 1 MiB", size)
+	}
+	var fs []*os.File
+	defer func() {
+		for _, f := range fs {
+			if cerr := f.Close(); cerr != nil && err == nil {
+				err = fmt.Errorf("write image: %w", cerr)
+			}
+		}
+	}()
+	for _, p := range paths {
+		f, err := os.OpenFile(p, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+		if err != nil {
+			return fmt.Errorf("create image: %w", err)
+		}
+		fs = append(fs, f)
+	}
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		for i := 0; i < len(buf); i += 8 {
+			v := uint64(off+int64(i))*0x9e3779b97f4a7c15 | 1
+			for k := 0; k < 8; k++ {
+				buf[i+k] = byte(v >> (8 * k))
+			}
+		}
+		for _, f := range fs {
+			if _, err := f.Write(buf); err != nil {
+				return fmt.Errorf("write image: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+func parseSize(s string) (int64, error) {
+	mult := int64(1)
+	switch strings.ToUpper(s[len(s)-min(len(s), 1):]) {
+	case "K":
+		mult = 1 << 10
+	case "M":
+		mult = 1 << 20
+	case "G":
+		mult = 1 << 30
+	}
+	if mult > 1 {
+		s = s[:len(s)-1]
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 || n > (1<<50)/mult {
+		return 0, fmt.Errorf("%q is not a size", s)
+	}
+	return n * mult, nil
+}
+
+func profileByName(name string) (frontend.Profile, bool) {
+	for _, p := range frontend.Profiles {
+		if p.Name == name {
+			return p, true
+		}
+	}
+	return frontend.Profile{}, false
+}
+
+func profileNames() string {
+	var n []string
+	for _, p := range frontend.Profiles {
+		n = append(n, p.Name)
+	}
+	return strings.Join(n, ", ")
+}
+
+// loadavg is the first three fields of /proc/loadavg, to show how busy
+// the machine was: other work on a 2-core machine is the main source of
+// noise.
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	return strings.Join(f[:min(3, len(f))], " ")
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+func firstErr(errs ...error) error {
+	for _, e := range errs {
+		if e != nil {
+			return e
+		}
+	}
+	return nil
+}
+
+var logOut io.Writer = os.Stderr
+
+func logf(format string, a ...any) { fmt.Fprintf(logOut, format+"\n", a...) }
+
+func fail(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "bench/vhost: "+format+"\n", a...)
+	os.Exit(1)
+}

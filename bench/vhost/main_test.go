@@ -1,0 +1,67 @@
+package main
+
+import (
+	"regexp"
+	"testing"
+)
+
+func TestParseStatTicks(t *testing.T) {
+	// A command name with spaces and parentheses; utime 1234, stime 56.
+	stat := "4242 (qemu (x) d) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 56 0 0 20 0 3 0 100 1000 10\n"
+	n, err := parseStatTicks([]byte(stat))
+	if err != nil || n != 1290 {
+		t.Fatalf("parseStatTicks = %d, %v; want 1290", n, err)
+	}
+	for _, bad := range []string{"", "1 (x) S 1 2", "1 (x) S 1 2 3 4 5 6 7 8 9 10 x 12 13"} {
+		if _, err := parseStatTicks([]byte(bad)); err == nil {
+			t.Errorf("parseStatTicks(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"1G": 1 << 30, "64M": 64 << 20, "8k": 8 << 10, "1048576": 1 << 20} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "G", "-1M", "0", "1T", "99999999999G"} {
+		if _, err := parseSize(bad); err == nil {
+			t.Errorf("parseSize(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestJobs(t *testing.T) {
+	want := map[int][]string{
+		1: {"4k randread QD1", "4k randread QD32", "4k randwrite QD1", "4k randwrite QD32", "1M seqread QD4", "1M seqwrite QD4"},
+		2: {"4k randread QD2x1", "4k randread QD2x16", "4k randwrite QD2x1", "4k randwrite QD2x16", "1M seqread QD2x2", "1M seqwrite QD2x2"},
+	}
+	for nq, names := range want {
+		js := jobsFor(nq)
+		if len(js) != len(names) {
+			t.Fatalf("%d queues: %d jobs", nq, len(js))
+		}
+		for i, j := range js {
+			if j.Name != names[i] || j.Queues != nq || j.class == "" {
+				t.Errorf("%d queues, job %d: %+v, want name %q", nq, i, j, names[i])
+			}
+		}
+	}
+	// The -jobs examples in the README select what they say.
+	re := regexp.MustCompile("QD32|QD2x16")
+	n := 0
+	for _, nq := range []int{1, 2} {
+		for _, j := range jobsFor(nq) {
+			if re.MatchString(j.Name) {
+				n++
+				if j.class != "qd32" {
+					t.Errorf("%s matched but is %s", j.Name, j.class)
+				}
+			}
+		}
+	}
+	if n != 4 {
+		t.Errorf("QD32|QD2x16 selects %d jobs, want 4", n)
+	}
+}
