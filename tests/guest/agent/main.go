@@ -335,28 +335,19 @@ func alignedBuf(n int64) []byte {
 
 func freeBuf(b []byte) { _ = unix.Munmap(b[:cap(b)]) }
 
-func pwriteFull(fd int, b []byte, off int64) error {
-	for len(b) > 0 {
-		n, err := unix.Pwrite(fd, b, off)
-		if err != nil {
-			return fmt.Errorf("pwrite at %d: %w", off, err)
-		}
-		if n == 0 {
-			return fmt.Errorf("pwrite at %d: short write", off)
-		}
-		b, off = b[n:], off+int64(n)
-	}
-	return nil
-}
+func pwriteFull(fd int, b []byte, off int64) error { return ioFull("pwrite", unix.Pwrite, fd, b, off) }
 
-func preadFull(fd int, b []byte, off int64) error {
+func preadFull(fd int, b []byte, off int64) error { return ioFull("pread", unix.Pread, fd, b, off) }
+
+// ioFull repeats op (pread or pwrite) until all of b is done.
+func ioFull(name string, op func(int, []byte, int64) (int, error), fd int, b []byte, off int64) error {
 	for len(b) > 0 {
-		n, err := unix.Pread(fd, b, off)
+		n, err := op(fd, b, off)
 		if err != nil {
-			return fmt.Errorf("pread at %d: %w", off, err)
+			return fmt.Errorf("%s at %d: %w", name, off, err)
 		}
 		if n == 0 {
-			return fmt.Errorf("pread at %d: end of device", off)
+			return fmt.Errorf("%s at %d: end of device", name, off)
 		}
 		b, off = b[n:], off+int64(n)
 	}
