@@ -49,9 +49,9 @@ func (f *fakeNode) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 	return nil
 }
 func (f *fakeNode) WriteV(context.Context, int64, [][]byte, graph.WriteFlags) error { return nil }
-func (f *fakeNode) Flush(context.Context) error                                   { return nil }
-func (f *fakeNode) Size() (int64, error)                                          { return f.size, nil }
-func (f *fakeNode) Close() error                                                  { return nil }
+func (f *fakeNode) Flush(context.Context) error                                     { return nil }
+func (f *fakeNode) Size() (int64, error)                                            { return f.size, nil }
+func (f *fakeNode) Close() error                                                    { return nil }
 
 type snapNode struct{ *fakeNode }
 
