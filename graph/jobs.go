@@ -99,16 +99,23 @@ func (g *Graph) PrepareAmend(jobID, nodeName string, opts map[string]any, force 
 		return nil, nil, err
 	}
 	run = func(ctx context.Context) error {
-		// Drained: no request runs in the driver while it rewrites its
-		// metadata.
-		n.io.Lock()
-		defer n.io.Unlock()
-		if n.inst == nil {
-			return ErrClosed
-		}
-		err := amender.Amend(ctx, ao, force)
-		if serr := n.refreshSize(); err == nil {
-			err = serr
+		before := n.SizeNow()
+		err := func() error {
+			// Drained: no request runs in the driver while it rewrites
+			// its metadata.
+			n.io.Lock()
+			defer n.io.Unlock()
+			if n.inst == nil {
+				return ErrClosed
+			}
+			err := amender.Amend(ctx, ao, force)
+			if serr := n.refreshSize(); err == nil {
+				err = serr
+			}
+			return err
+		}()
+		if n.SizeNow() != before {
+			g.notifyResize(n)
 		}
 		return err
 	}
