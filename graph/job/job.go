@@ -232,7 +232,8 @@ func (j *Job) Err() error {
 	return j.err
 }
 
-// Done is closed when the job has concluded.
+// Done is closed when the job has concluded (and, with auto-dismiss,
+// been dismissed), after the events for that were emitted.
 func (j *Job) Done() <-chan struct{} { return j.done }
 
 // SetRemaining says how much work is left (QEMU's progress "remaining"):
@@ -416,10 +417,10 @@ func (j *Job) concludeLocked() {
 	}
 	j.cancel()
 	j.transitionLocked(Concluded)
-	close(j.done)
 	if j.autoDismiss {
 		j.dismissLocked()
 	}
+	close(j.done)
 }
 
 func (j *Job) dismissLocked() {
