@@ -41,11 +41,10 @@ func JobCommands(s *Server, g *graph.Graph) *job.Manager {
 		// blockdev-create's jobs finalize themselves and wait for
 		// job-dismiss, as QEMU's do.
 		_, err = m.Start(&job.Kind{Type: "create", Run: func(ctx context.Context, j *job.Job) error {
-			j.SetRemaining(1)
 			err := run(ctx)
 			j.Progress(1)
 			return err
-		}}, job.Options{ID: a.JobID, AutoFinalize: true})
+		}}, job.Options{ID: a.JobID, AutoFinalize: true, Remaining: 1})
 		return empty(err)
 	})
 
@@ -64,13 +63,12 @@ func JobCommands(s *Server, g *graph.Graph) *job.Manager {
 		_, err = m.Start(&job.Kind{
 			Type: "amend",
 			Run: func(ctx context.Context, j *job.Job) error {
-				j.SetRemaining(1)
 				err := run(ctx)
 				j.Progress(1)
 				return err
 			},
 			Clean: func(*job.Job) { release() },
-		}, job.Options{ID: a.JobID, AutoFinalize: true})
+		}, job.Options{ID: a.JobID, AutoFinalize: true, Remaining: 1})
 		if err != nil {
 			release()
 		}

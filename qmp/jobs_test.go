@@ -305,6 +305,10 @@ func TestBlockdevCreateFailsAndCancel(t *testing.T) {
 	r = c.ok(t, "blockdev-create", map[string]any{"job-id": "b",
 		"options": map[string]any{"driver": "jobtest-fake", "size": 1, "mode": "block"}})
 	wantSeq(t, statuses(r.events), "b:created", "b:running")
+	if q := c.ok(t, "query-jobs", nil).ret.([]any)[0]; !reflect.DeepEqual(q, map[string]any{"id": "b", "type": "create",
+		"status": "running", "current-progress": 0.0, "total-progress": 1.0}) {
+		t.Errorf("query-jobs while running: %v", q)
+	}
 	if r := c.call(t, "job-complete", map[string]any{"id": "b"}); r.err != "Job 'b' in state 'running' cannot accept command verb 'complete'" {
 		t.Errorf("complete: %q", r.err)
 	}

@@ -302,12 +302,13 @@ func TestIntegrationCancelCreateLikeQSD(t *testing.T) {
 		if r.Err != nil {
 			t.Fatalf("blockdev-create: %v", r.Err)
 		}
+		running := s.call(t, "query-jobs", nil).Return
 		if r := s.call(t, "job-cancel", map[string]any{"id": "big"}); r.Err != nil {
 			t.Fatalf("job-cancel: %v", r.Err)
 		}
 		s.waitStatus(t, "big", "concluded")
 		q := s.call(t, "query-jobs", nil).Return
-		return s.status, q
+		return s.status, []any{running, q}
 	}
 	ourDir, qsdDir := shortDir(t), shortDir(t)
 	ourSock := filepath.Join(ourDir, "qmp.sock")
@@ -322,8 +323,12 @@ func TestIntegrationCancelCreateLikeQSD(t *testing.T) {
 	if !reflect.DeepEqual(ourQ, qsdQ) {
 		t.Errorf("query-jobs: ours %v, qsd %v", ourQ, qsdQ)
 	}
-	want := []any{map[string]any{"id": "big", "type": "create", "status": "concluded",
-		"current-progress": 1.0, "total-progress": 1.0, "error": "Operation canceled"}}
+	want := []any{
+		[]any{map[string]any{"id": "big", "type": "create", "status": "running",
+			"current-progress": 0.0, "total-progress": 1.0}},
+		[]any{map[string]any{"id": "big", "type": "create", "status": "concluded",
+			"current-progress": 1.0, "total-progress": 1.0, "error": "Operation canceled"}},
+	}
 	if !reflect.DeepEqual(ourQ, want) {
 		t.Errorf("query-jobs %v, want %v", ourQ, want)
 	}

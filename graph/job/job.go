@@ -151,6 +151,9 @@ type Options struct {
 	// it, job-finalize must. AutoDismiss removes a concluded job; without
 	// it, job-dismiss must.
 	AutoFinalize, AutoDismiss bool
+	// Remaining is the work expected at the start: total-progress shows
+	// it from the first query-jobs (Run may change it with SetRemaining).
+	Remaining uint64
 }
 
 // Info is query-jobs' JobInfo.
@@ -356,7 +359,7 @@ func (m *Manager) Start(k *Kind, o Options) (*Job, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	j := &Job{
 		m: m, id: o.ID, kind: k, autoFinalize: o.AutoFinalize, autoDismiss: o.AutoDismiss,
-		ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		ctx: ctx, cancel: cancel, done: make(chan struct{}), total: o.Remaining,
 	}
 	m.jobs = append(m.jobs, j)
 	j.status = Created
