@@ -24,7 +24,9 @@
 // Manager.mu guards every job's state; events are emitted with it held so
 // that they leave in the order of the transitions. Kind callbacks other
 // than Run are called with it held: they must be quick and must not call
-// the Manager. Run is called without it.
+// the Manager. Run is called without it. Lock order: Manager.mu, then
+// whatever the callbacks take (graph.Graph's lock when Clean lets go of a
+// node), then the event sink's (the QMP server's).
 package job
 
 import (
