@@ -350,6 +350,7 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 				failAll(0, fmt.Errorf("guest sees %d queues, want %d (info: %+v)", r.Queues, nq, r))
 				return
 			}
+			res.view(b.Name, r)
 		case r.Line == 2 && !r.OK:
 			logf("run %d nq%d %s: warm-up failed: %s", run+1, nq, b.Name, r.Err)
 		case r.Line >= firstJobLine && r.Event == "":

@@ -127,6 +127,8 @@ func TestReport(t *testing.T) {
 	}
 	r.add(js[4], "qsd", sample{Run: 1, MBps: 500, IOPS: 476})
 	r.fail(js[4], "ours", 0, errors.New("guest ended early\nconsole: ..."))
+	r.view("qsd", guest.Result{MaxSegments: 126, MaxSegSize: 4096, MaxHWSectKB: 1280, WriteCache: "write back"})
+	r.view("qsd", guest.Result{MaxSegments: 126, MaxSegSize: 4096, MaxHWSectKB: 1280, WriteCache: "write back"})
 	r.summarise()
 	jr := r.Jobs[0]
 	if jr.Median["qsd"].IOPS != 2000 || jr.Ratio == nil || !near(jr.Ratio.Throughput, 1.1) || !near(jr.Ratio.CPU, 0.5) || !near(jr.Ratio.AvgLat, 1/1.1) {
@@ -142,6 +144,7 @@ func TestReport(t *testing.T) {
 	for _, want := range []string{
 		"UNDERSTATE", "bench/vhost", "TCG",
 		"3 runs x 5s per job",
+		"guest's view of the disk (its limits decide how the guest splits 1 MiB requests):\n  qsd  max_segments 126, max_segment_size 4096, max_hw_sectors_kb 1280, write cache write back, discard max 0, write-zeroes max 0\nMedians",
 		"4k randread QD1    1   IOPS |      2000      2200  1.10x |",
 		"|   10.00    5.00  0.50x |    400.0    380.0",
 		"1M randread QD4    1   MB/s |     500.0    FAILED      - |",

@@ -5,6 +5,8 @@ import (
 	"io"
 	"slices"
 	"strings"
+
+	"blockbackend/tests/guest"
 )
 
 // sample is one job on one backend in one run.
@@ -39,8 +41,21 @@ type results struct {
 	Jobs       []*jobResult
 	LoadBefore string
 	LoadAfter  string
+	// Views is how the guest sees each backend's disk: limits that
+	// change how the guest splits requests (and so its own cost), not a
+	// property of the backend's speed.
+	Views []string
 
 	byKey map[string]*jobResult
+}
+
+// view records the guest's view of backend's disk (the agent's info).
+func (r *results) view(backend string, info guest.Result) {
+	v := fmt.Sprintf("%-4s max_segments %d, max_segment_size %d, max_hw_sectors_kb %d, write cache %s, discard max %d, write-zeroes max %d",
+		backend, info.MaxSegments, info.MaxSegSize, info.MaxHWSectKB, info.WriteCache, info.DiscardMax, info.WriteZeroMax)
+	if !slices.Contains(r.Views, v) {
+		r.Views = append(r.Views, v)
+	}
 }
 
 func newResults(fl flags, backends []backendSpec, kernel string, jobs []jobSpec) *results {
@@ -146,6 +161,10 @@ func (r *results) print(w io.Writer) {
 		fmt.Fprintf(w, "%-5s %s\n", b.Name+":", b.Bin)
 	}
 	fmt.Fprintf(w, "load average before %s, after %s\n", r.LoadBefore, r.LoadAfter)
+	fmt.Fprintln(w, "guest's view of the disk (its limits decide how the guest splits 1 MiB requests):")
+	for _, v := range r.Views {
+		fmt.Fprintln(w, "  "+v)
+	}
 	fmt.Fprintln(w, "Medians over runs; ratio: ours/qsd of the medians; avg: the agent's mean request latency;")
 	fmt.Fprintln(w, "CPU: utime+stime per I/O of the backend process / of the guest's QEMU (10 ms ticks).")
 	fmt.Fprintln(w)
