@@ -96,17 +96,48 @@ func jobsFor(queues int) []jobSpec {
 // agent's buffers and the guest's and backend's first paths.
 const warmup = "bench secs=1 qd=4 bs=4096 rw=randread"
 
+// statCmd prints the disk's I/O statistics (Documentation/block/stat.rst:
+// requests completed, after the guest's splitting and merging), to count
+// the requests that reached the backend per agent I/O.
+const statCmd = "sh cat /sys/block/vda/stat"
+
 // script is the agent's script for one guest: info (line 1), the warm-up
-// (line 2), then job i on line 3+i.
+// (line 2), the statistics (line 3), then for job i the bench (line
+// jobLine(i)) followed by the statistics.
 func script(js []jobSpec, secs int) []string {
-	s := []string{"info", warmup}
+	s := []string{"info", warmup, statCmd}
 	for _, j := range js {
-		s = append(s, j.script(secs))
+		s = append(s, j.script(secs), statCmd)
 	}
 	return s
 }
 
-const firstJobLine = 3
+func jobLine(i int) int { return 4 + 2*i }
+
+// lineJob is the index of the job whose bench (or, with stat, whose
+// following statistics) is on script line; ok is false for the lines
+// before the first job.
+func lineJob(line int) (i int, stat, ok bool) {
+	if line < jobLine(0) {
+		return 0, false, false
+	}
+	return (line - jobLine(0)) / 2, (line-jobLine(0))%2 == 1, true
+}
+
+// parseDiskStat returns the completed requests (reads + writes) from the
+// contents of /sys/block/DEV/stat.
+func parseDiskStat(s string) (int64, error) {
+	f := strings.Fields(s)
+	if len(f) < 5 {
+		return 0, fmt.Errorf("disk statistics %q: too few fields", s)
+	}
+	r, err1 := strconv.ParseInt(f[0], 10, 64)
+	w, err2 := strconv.ParseInt(f[4], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, fmt.Errorf("disk statistics %q: %w", s, err)
+	}
+	return r + w, nil
+}
 
 type backendSpec struct {
 	Name  string
@@ -323,8 +354,12 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 		return
 	}
 	// CPU times are read when each report arrives: a job's are the
-	// difference from the report before it (the warm-up's for the first).
-	var prevB, prevG int64
+	// difference from the report before it (the statistics after the
+	// previous job, or after the warm-up). Its sample is recorded once
+	// the statistics after it came.
+	var prevB, prevG, prevReqs int64
+	var pending *sample
+	pendingJob := 0
 	next := 0 // index in js of the next job expected
 	for i := 0; ; i++ {
 		r, err := vm.Next(gctx, i)
@@ -335,6 +370,7 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 			failAll(next, fmt.Errorf("guest ended early (%v): %v", err, werr))
 			return
 		}
+		ji, stat, isJob := lineJob(r.Line)
 		switch {
 		case r.Op == "ready" && !r.OK, r.Op == "watchdog", r.Op == "parse", r.Op == "mount":
 			vm.Kill()
@@ -353,9 +389,22 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 			res.view(b.Name, r)
 		case r.Line == 2 && !r.OK:
 			logf("run %d nq%d %s: warm-up failed: %s", run+1, nq, b.Name, r.Err)
-		case r.Line >= firstJobLine && r.Event == "":
-			j := js[r.Line-firstJobLine]
-			next = r.Line - firstJobLine + 1
+		case r.Line == 3 || isJob && stat:
+			reqs, err := parseDiskStat(r.Output)
+			if !r.OK || err != nil {
+				logf("run %d nq%d %s: disk statistics: %s %v", run+1, nq, b.Name, r.Err, err)
+			}
+			if pending != nil {
+				if err == nil && r.OK && prevReqs > 0 && pending.IOs > 0 {
+					pending.DevReqsPerIO = float64(reqs-prevReqs) / float64(pending.IOs)
+				}
+				res.add(js[pendingJob], b.Name, *pending)
+				pending = nil
+			}
+			prevReqs = reqs
+		case isJob && r.Event == "":
+			j := js[ji]
+			next = ji + 1
 			if !r.OK {
 				res.fail(j, b.Name, run, errors.New(r.Err))
 				logf("run %d nq%d %-20s %-4s FAILED: %s", run+1, nq, j.Name, b.Name, r.Err)
@@ -370,10 +419,13 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 				s.CPUusPIO = us(time.Duration(bt-prevB)*clockTick) / float64(s.IOs)
 				s.GuestCPUusPIO = us(time.Duration(gt-prevG)*clockTick) / float64(s.IOs)
 			}
-			res.add(j, b.Name, s)
+			pending, pendingJob = &s, ji
 			logf("run %d nq%d %-20s %-4s %8.0f IOPS %7.1f MB/s  avg %7.1fµs  cpu %6.2fµs/IO  guest cpu %7.2fµs/IO",
 				run+1, nq, j.Name, b.Name, s.IOPS, s.MBps, s.AvgLatUs, s.CPUusPIO, s.GuestCPUusPIO)
 		case r.Op == "done":
+			if pending != nil { // the last statistics are missing
+				res.add(js[pendingJob], b.Name, *pending)
+			}
 			if _, err := vm.Wait(); err != nil {
 				failAll(next, err)
 			}

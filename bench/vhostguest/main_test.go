@@ -67,17 +67,31 @@ func TestJobs(t *testing.T) {
 			t.Errorf("nq %d: jobs %q, want %q", nq, names, want)
 		}
 	}
-	// Every script line is a bench command the agent accepts, with the
-	// job's parameters, and the jobs start at firstJobLine.
+	// Every script line is info, the statistics or a bench command the
+	// agent accepts, with the job's parameters on the job's line.
 	js := jobsFor(1)
 	s := script(js, 2)
-	if len(s) != firstJobLine-1+len(js) || s[0] != "info" {
+	if len(s) != 3+2*len(js) || s[0] != "info" || s[2] != statCmd {
 		t.Fatalf("script %q", s)
 	}
-	for i, line := range s[1:] {
+	for i, line := range s {
+		n := i + 1
+		ji, stat, isJob := lineJob(n)
 		c, err := guest.ParseCommand(line)
-		if err != nil || c.Op != "bench" {
-			t.Fatalf("line %q: %+v, %v", line, c, err)
+		if err != nil {
+			t.Fatalf("line %d %q: %v", n, line, err)
+		}
+		switch {
+		case n == 1:
+			continue
+		case n == 3 || isJob && stat:
+			if line != statCmd {
+				t.Errorf("line %d %q is not the statistics", n, line)
+			}
+			continue
+		}
+		if c.Op != "bench" {
+			t.Fatalf("line %d %q: %+v", n, line, c)
 		}
 		for k := range c.Args {
 			if !slices.Contains([]string{"secs", "qd", "bs", "rw"}, k) {
@@ -87,15 +101,32 @@ func TestJobs(t *testing.T) {
 		if !slices.Contains([]string{"randread", "randwrite"}, c.Arg("rw", "")) {
 			t.Errorf("line %q: rw not one of the agent's", line)
 		}
-		if i == 0 {
-			continue // the warm-up
+		if n == 2 {
+			if isJob {
+				t.Errorf("the warm-up counts as job %d", ji)
+			}
+			continue
 		}
-		j := js[i-1]
+		j := js[ji]
 		secs, _ := c.Int("secs", 0)
 		qd, _ := c.Int("qd", 0)
 		bs, _ := c.Int("bs", 0)
-		if secs != 2 || int(qd) != j.QD || bs != j.BS || c.Arg("rw", "") != j.RW {
-			t.Errorf("line %d %q does not run %+v for 2 s", i+2, line, j)
+		if !isJob || jobLine(ji) != n || secs != 2 || int(qd) != j.QD || bs != j.BS || c.Arg("rw", "") != j.RW {
+			t.Errorf("line %d %q does not run %+v for 2 s", n, line, j)
+		}
+	}
+}
+
+func TestParseDiskStat(t *testing.T) {
+	// Documentation/block/stat.rst: read I/Os, merges, sectors, ticks,
+	// then write I/Os, ...
+	n, err := parseDiskStat("    1510        0    91634      717    20480      12  163840   900        0     1024     1617        0        0        0        0        0        0\n")
+	if err != nil || n != 21990 {
+		t.Errorf("parseDiskStat = %d, %v; want 21990", n, err)
+	}
+	for _, bad := range []string{"", "1 2 3 4", "1 2 3 4 x"} {
+		if _, err := parseDiskStat(bad); err == nil {
+			t.Errorf("parseDiskStat(%q) succeeded", bad)
 		}
 	}
 }
@@ -122,7 +153,7 @@ func TestReport(t *testing.T) {
 	js := jobsFor(1)
 	r := newResults(fl, []backendSpec{{"qsd", "/usr/bin/qemu-storage-daemon", ""}, {"ours", "/tmp/blockbackend", ""}}, "6.1.0-test", js)
 	for run, iops := range []float64{1000, 3000, 2000} {
-		r.add(js[0], "qsd", sample{Run: run + 1, IOPS: iops, AvgLatUs: 1e6 / iops, CPUusPIO: 10, GuestCPUusPIO: 400, IOs: int64(iops)})
+		r.add(js[0], "qsd", sample{Run: run + 1, IOPS: iops, AvgLatUs: 1e6 / iops, CPUusPIO: 10, GuestCPUusPIO: 400, DevReqsPerIO: 1, IOs: int64(iops)})
 		r.add(js[0], "ours", sample{Run: run + 1, IOPS: iops * 1.1, AvgLatUs: 1e6 / iops / 1.1, CPUusPIO: 5, GuestCPUusPIO: 380, IOs: int64(iops)})
 	}
 	r.add(js[4], "qsd", sample{Run: 1, MBps: 500, IOPS: 476})
@@ -144,9 +175,9 @@ func TestReport(t *testing.T) {
 	for _, want := range []string{
 		"UNDERSTATE", "bench/vhost", "TCG",
 		"3 runs x 5s per job",
-		"guest's view of the disk (its limits decide how the guest splits 1 MiB requests):\n  qsd  max_segments 126, max_segment_size 4096, max_hw_sectors_kb 1280, write cache write back, discard max 0, write-zeroes max 0\nMedians",
+		"guest's view of the disk (its limits decide how the guest splits 1 MiB requests):\n  qsd  max_segments 126, max_segment_size 4096, max_hw_sectors_kb 1280 (requests up to 504 KiB), write cache write back, discard max 0, write-zeroes max 0\nMedians",
 		"4k randread QD1    1   IOPS |      2000      2200  1.10x |",
-		"|   10.00    5.00  0.50x |    400.0    380.0",
+		"|   10.00    5.00  0.50x |    400.0    380.0 |   1.00      ?\n",
 		"1M randread QD4    1   MB/s |     500.0    FAILED      - |",
 		"failures:\n  1M randread QD4 nq1 ours run 1: guest ended early\n",
 	} {

@@ -18,6 +18,7 @@ type sample struct {
 	MaxLatMs      float64
 	CPUusPIO      float64 // backend process
 	GuestCPUusPIO float64 // the guest's QEMU process
+	DevReqsPerIO  float64 // requests the disk completed per agent I/O (0: unknown)
 	IOs           int64
 }
 
@@ -51,8 +52,14 @@ type results struct {
 
 // view records the guest's view of backend's disk (the agent's info).
 func (r *results) view(backend string, info guest.Result) {
-	v := fmt.Sprintf("%-4s max_segments %d, max_segment_size %d, max_hw_sectors_kb %d, write cache %s, discard max %d, write-zeroes max %d",
-		backend, info.MaxSegments, info.MaxSegSize, info.MaxHWSectKB, info.WriteCache, info.DiscardMax, info.WriteZeroMax)
+	// A request holds at most max_segments segments of at most
+	// max_segment_size, and max_hw_sectors_kb. The agent's buffers are
+	// pages that are only merged into larger segments where physically
+	// contiguous, so this is an upper bound; with 4 KiB segments it is
+	// exact.
+	largest := min(info.MaxSegments*info.MaxSegSize>>10, info.MaxHWSectKB)
+	v := fmt.Sprintf("%-4s max_segments %d, max_segment_size %d, max_hw_sectors_kb %d (requests up to %d KiB), write cache %s, discard max %d, write-zeroes max %d",
+		backend, info.MaxSegments, info.MaxSegSize, info.MaxHWSectKB, largest, info.WriteCache, info.DiscardMax, info.WriteZeroMax)
 	if !slices.Contains(r.Views, v) {
 		r.Views = append(r.Views, v)
 	}
@@ -125,6 +132,7 @@ func (r *results) summarise() {
 				MaxLatMs:      medianOf(ss, func(s sample) float64 { return s.MaxLatMs }),
 				CPUusPIO:      medianOf(ss, func(s sample) float64 { return s.CPUusPIO }),
 				GuestCPUusPIO: medianOf(ss, func(s sample) float64 { return s.GuestCPUusPIO }),
+				DevReqsPerIO:  medianOf(ss, func(s sample) float64 { return s.DevReqsPerIO }),
 				IOs:           int64(medianOf(ss, func(s sample) float64 { return float64(s.IOs) })),
 			}
 		}
@@ -166,11 +174,12 @@ func (r *results) print(w io.Writer) {
 		fmt.Fprintln(w, "  "+v)
 	}
 	fmt.Fprintln(w, "Medians over runs; ratio: ours/qsd of the medians; avg: the agent's mean request latency;")
-	fmt.Fprintln(w, "CPU: utime+stime per I/O of the backend process / of the guest's QEMU (10 ms ticks).")
+	fmt.Fprintln(w, "CPU: utime+stime per I/O of the backend process / of the guest's QEMU (10 ms ticks);")
+	fmt.Fprintln(w, "req/IO: requests the guest's disk completed (/sys/block/vda/stat) per agent I/O.")
 	fmt.Fprintln(w)
-	const row = "%-18s %-3s %-4s | %9s %9s %6s | %8s %8s %6s | %7s %7s %6s | %8s %8s\n"
-	fmt.Fprintf(w, row, "job", "nq", "", "qsd", "ours", "ratio", "avg qsd", "avg ours", "ratio", "CPU qsd", "CPU ours", "ratio", "guestCPU", "guestCPU")
-	fmt.Fprintf(w, row, "", "", "", "", "", "", "µs", "µs", "", "µs/IO", "µs/IO", "", "qsd", "ours")
+	const row = "%-18s %-3s %-4s | %9s %9s %6s | %8s %8s %6s | %7s %7s %6s | %8s %8s | %6s %6s\n"
+	fmt.Fprintf(w, row, "job", "nq", "", "qsd", "ours", "ratio", "avg qsd", "avg ours", "ratio", "CPU qsd", "CPU ours", "ratio", "guestCPU", "guestCPU", "req/IO", "req/IO")
+	fmt.Fprintf(w, row, "", "", "", "", "", "", "µs", "µs", "", "µs/IO", "µs/IO", "", "qsd", "ours", "qsd", "ours")
 	for _, jr := range r.Jobs {
 		prec := 0
 		if jr.BS >= 1<<20 {
@@ -186,6 +195,12 @@ func (r *results) print(w io.Writer) {
 			}
 			return fmt.Sprintf("%.*f", prec, f(s))
 		}
+		reqs := func(b string) string {
+			if s, ok := jr.Median[b]; ok && s.DevReqsPerIO == 0 {
+				return "?"
+			}
+			return cell(b, func(s sample) float64 { return s.DevReqsPerIO }, 2)
+		}
 		rat := func(f func(*ratios) float64) string {
 			if jr.Ratio == nil {
 				return "-"
@@ -199,7 +214,8 @@ func (r *results) print(w io.Writer) {
 			rat(func(r *ratios) float64 { return r.AvgLat }),
 			cell("qsd", func(s sample) float64 { return s.CPUusPIO }, 2), cell("ours", func(s sample) float64 { return s.CPUusPIO }, 2),
 			rat(func(r *ratios) float64 { return r.CPU }),
-			cell("qsd", func(s sample) float64 { return s.GuestCPUusPIO }, 1), cell("ours", func(s sample) float64 { return s.GuestCPUusPIO }, 1))
+			cell("qsd", func(s sample) float64 { return s.GuestCPUusPIO }, 1), cell("ours", func(s sample) float64 { return s.GuestCPUusPIO }, 1),
+			reqs("qsd"), reqs("ours"))
 	}
 	var failed []string
 	for _, jr := range r.Jobs {
