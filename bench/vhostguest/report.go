@@ -154,7 +154,7 @@ func ratio(a, b float64) float64 {
 
 // caveat heads the report: the figures must not be read like bench/vhost's.
 const caveat = `NOTE: the guest runs under TCG (emulated CPU; nested KVM hangs here), so its own cost
-dominates every request (see "guest CPU"): throughput and latency ratios here UNDERSTATE the
+dominates every request (see "guestCPU"): throughput and latency ratios here UNDERSTATE the
 differences between the backends. bench/vhost (no guest) is the primary comparison; this one
 checks that its findings survive a real Linux virtio-blk driver. Backend CPU per I/O is the
 column least diluted by the guest.`
