@@ -26,8 +26,10 @@
 // Reported per job, as the median over runs: IOPS (4 KiB) or MB/s
 // (1 MiB), the agent's mean request latency, and the CPU time per I/O
 // of the backend process and of the guest's QEMU (utime+stime of all
-// threads from /proc/PID/stat, read when the agent reports the previous
-// job and this one), with the ratios ours/qsd.
+// threads from /proc/PID/stat, read when the agent reports the job and
+// the command before it), the requests the guest's disk completed per
+// I/O (/sys/block/vda/stat: the guest's splitting), with the ratios
+// ours/qsd; and the guest's view of each disk (its limits).
 package main
 
 import (
