@@ -53,7 +53,7 @@ func TestParseFlags(t *testing.T) {
 }
 
 func TestJobs(t *testing.T) {
-	want := []string{"4k randread QD1", "4k randread QD32", "4k randwrite QD1", "4k randwrite QD32", "1M randread QD4", "1M randwrite QD4"}
+	want := []string{"4k randread QD1", "4k randread QD32", "4k randwrite QD1", "4k randwrite QD32", "1M read QD4", "1M write QD4"}
 	for _, nq := range []int{1, 2} {
 		js := jobsFor(nq)
 		var names []string
@@ -98,7 +98,7 @@ func TestJobs(t *testing.T) {
 				t.Errorf("line %q: argument %s", line, k)
 			}
 		}
-		if !slices.Contains([]string{"randread", "randwrite"}, c.Arg("rw", "")) {
+		if !slices.Contains([]string{"randread", "randwrite", "read", "write"}, c.Arg("rw", "")) {
 			t.Errorf("line %q: rw not one of the agent's", line)
 		}
 		if n == 2 {
@@ -178,8 +178,8 @@ func TestReport(t *testing.T) {
 		"guest's view of the disk (its limits decide how the guest splits 1 MiB requests):\n  qsd  max_segments 126, max_segment_size 4096, max_hw_sectors_kb 1280 (requests up to 504 KiB), write cache write back, discard max 0, write-zeroes max 0\nMedians",
 		"4k randread QD1    1   IOPS |      2000      2200  1.10x |",
 		"|   10.00    5.00  0.50x |    400.0    380.0 |   1.00      ?\n",
-		"1M randread QD4    1   MB/s |     500.0    FAILED      - |",
-		"failures:\n  1M randread QD4 nq1 ours run 1: guest ended early\n",
+		"1M read QD4        1   MB/s |     500.0    FAILED      - |",
+		"failures:\n  1M read QD4 nq1 ours run 1: guest ended early\n",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q", want)

@@ -161,7 +161,7 @@ column least diluted by the guest.`
 
 func (r *results) print(w io.Writer) {
 	fl := r.Flags
-	fmt.Fprintln(w, "vhost-user-blk under a real guest: Linux", r.Kernel, "in QEMU (TCG), agent bench (O_DIRECT, random offsets)")
+	fmt.Fprintln(w, "vhost-user-blk under a real guest: Linux", r.Kernel, "in QEMU (TCG), agent bench (O_DIRECT)")
 	fmt.Fprintln(w, caveat)
 	fmt.Fprintf(w, "image: %d MiB raw on tmpfs (a copy per backend), file node cache.direct=off aio=threads;\n", fl.Size>>20)
 	fmt.Fprintf(w, "%d runs x %v per job (+1 s warm-up per guest); one guest per backend, run and num-queues (vCPUs = queues)\n", fl.Runs, fl.Time)

@@ -619,9 +619,15 @@ func bench(path, rw string, secs int64, qd int, bs, off, size int64) guest.Resul
 	if qd < 1 || bs <= 0 || bs%512 != 0 {
 		return fail(errors.New("bench: bad qd or bs"))
 	}
-	if rw != "randread" && rw != "randwrite" && rw != "randrw" {
-		return fail(fmt.Errorf("bench: rw=%q: want randread, randwrite or randrw", rw))
+	switch rw {
+	case "randread", "randwrite", "randrw", "read", "write":
+	default:
+		return fail(fmt.Errorf("bench: rw=%q: want randread, randwrite, randrw, read or write", rw))
 	}
+	// Sequential jobs share one cursor: the qd workers take the next
+	// blocks in turn, as fio's sequential jobs with iodepth do.
+	var cursor atomic.Int64
+	seq := rw == "read" || rw == "write"
 	if size == 0 {
 		var total uint64
 		r := withFD(path, unix.O_RDONLY, func(fd int) error {
@@ -657,7 +663,10 @@ func bench(path, rw string, secs int64, qd int, bs, off, size int64) guest.Resul
 			rnd := rand.New(rand.NewPCG(uint64(w), 7))
 			for time.Now().Before(deadline) {
 				o := off + rnd.Int64N(nblocks)*bs
-				write := rw == "randwrite" || (rw == "randrw" && rnd.IntN(2) == 0)
+				if seq {
+					o = off + (cursor.Add(1)-1)%nblocks*bs
+				}
+				write := rw == "randwrite" || rw == "write" || (rw == "randrw" && rnd.IntN(2) == 0)
 				t0 := time.Now()
 				if write {
 					err = pwriteFull(fd, buf, o)
