@@ -343,5 +343,6 @@ func (cc *CreateContext) Logger() *slog.Logger { return cc.log }
 func (cc *CreateContext) Secret(id string) ([]byte, error) { return cc.g.Objects.Secret(id) }
 
 // LookupNode finds an existing node for drivers whose create options name
-// one (qcow2's "file": the protocol node to format).
-func (cc *CreateContext) LookupNode(name string) (*Node, error) { return cc.g.FindNode(name) }
+// one (qcow2's "file": the protocol node to format). Like QEMU it takes a
+// device or a node name, and fails in QEMU's words for either.
+func (cc *CreateContext) LookupNode(name string) (*Node, error) { return cc.g.FindDevice(name, name) }
