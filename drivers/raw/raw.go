@@ -26,9 +26,12 @@ type Options struct {
 
 func init() {
 	graph.Register(&graph.Driver{
-		Name:       "raw",
-		NewOptions: func() any { return &Options{} },
-		Open:       open,
+		Name:             "raw",
+		NewOptions:       func() any { return &Options{} },
+		Open:             open,
+		NewCreateOptions: func() any { return &CreateOptions{Preallocation: "off"} },
+		Create:           create,
+		Measure:          measure,
 		// Raw matches anything, with the lowest score: it is the fallback.
 		Probe: func([]byte, string) int { return 1 },
 	})

@@ -1,0 +1,487 @@
+package img
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"blockbackend/graph"
+)
+
+const (
+	convertChunk    = 2 << 20  // bytes per request
+	maxSparse       = 16 << 20 // qemu-img's limit for -S
+	defaultSparse   = 4096
+	maxCoroutines   = 16
+	defaultParallel = 8
+)
+
+// convertJob is one img convert run: sources concatenated into target.
+type convertJob struct {
+	t        *Tool
+	srcs     []*graph.Node
+	starts   []int64 // offset of each source in the concatenation
+	total    int64
+	dst      *graph.Node
+	cw       graph.CompressedWriter
+	cluster  int64
+	sparse   int64 // -S; 0: write everything
+	zeroInit bool  // the target reads as zeros already
+	parallel int
+	ordered  bool // without -W writes happen in order
+	prog     *progress
+	done     atomic.Int64
+}
+
+func (t *Tool) convert(args []string) int {
+	opts, ops, ok := t.getopt(args, optSpec{
+		short: "hf:O:B:Cco:l:S:pt:T:qnm:WrU",
+		long:  []string{"help", "object=", "image-opts", "target-image-opts", "salvage", "target-is-zero", "bitmaps", "force-share"},
+	})
+	if !ok {
+		return 1
+	}
+	srcFmt, dstFmt := "", ""
+	var optStrs []string
+	compress, prog, quiet, noCreate, ordered, share, targetZero := false, false, false, false, true, false, false
+	sparse := int64(defaultSparse)
+	parallel := defaultParallel
+	cache := "unsafe"
+	for _, o := range opts {
+		switch o.name {
+		case "h", "help":
+			return t.help("convert")
+		case "f":
+			srcFmt = o.arg
+		case "O":
+			dstFmt = o.arg
+		case "c":
+			compress = true
+		case "o":
+			optStrs = append(optStrs, o.arg)
+		case "S":
+			v, ok := parseSize(o.arg)
+			if !ok || v%512 != 0 || v > maxSparse {
+				return t.errorf("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to %d. Select 0 to disable sparse detection (fully allocates output).", maxSparse)
+			}
+			sparse = v
+		case "p":
+			prog = true
+		case "q":
+			quiet = true
+		case "n":
+			noCreate = true
+		case "m":
+			var v int
+			if _, err := fmt.Sscan(o.arg, &v); err != nil || v < 1 || v > maxCoroutines || fmt.Sprint(v) != o.arg {
+				return t.errorf("Invalid number of coroutines. Allowed number of coroutines is between 1 and %d", maxCoroutines)
+			}
+			parallel = v
+		case "W":
+			ordered = false
+		case "t":
+			switch o.arg {
+			case "none", "writeback", "writethrough", "directsync", "unsafe":
+				cache = o.arg
+			default:
+				return t.errorf("Invalid cache option: %s", o.arg)
+			}
+		case "T":
+			switch o.arg {
+			case "none", "writeback", "writethrough", "directsync", "unsafe":
+			default:
+				return t.errorf("Invalid source cache option: %s", o.arg)
+			}
+		case "U", "force-share":
+			share = true
+		case "target-is-zero":
+			targetZero = true
+		case "C", "B", "l", "r", "salvage", "bitmaps", "object", "image-opts", "target-image-opts":
+			return t.errorf("option %s is not supported by blockbackend img", o.name)
+		}
+	}
+	if quiet {
+		prog = false
+	}
+	optStr := strings.Join(optStrs, ",")
+	if dstFmt == "" {
+		dstFmt = "raw"
+	}
+	if isHelpOpt(optStr) {
+		return t.printCreateHelp(dstFmt, "")
+	}
+	if len(ops) < 2 {
+		return t.errorf("Must specify image file name")
+	}
+	if targetZero && !noCreate {
+		return t.errorf("--target-is-zero requires use of -n flag")
+	}
+	if graph.Lookup(dstFmt) == nil {
+		return t.errorf("Unknown file format '%s'", dstFmt)
+	}
+	srcNames, dstName := ops[:len(ops)-1], ops[len(ops)-1]
+	j := &convertJob{t: t, sparse: sparse, parallel: parallel, ordered: ordered}
+	for _, name := range srcNames {
+		im, err := t.open(name, openFlags{format: srcFmt, forceShare: share})
+		if err != nil {
+			return t.errorf("%s", err)
+		}
+		defer im.close(t.Ctx)
+		j.srcs = append(j.srcs, im.node)
+		j.starts = append(j.starts, j.total)
+		j.total += im.node.SizeNow()
+	}
+	created := false
+	if !noCreate {
+		if err := t.createImage(createReq{
+			filename: dstName, format: dstFmt, size: j.total, opts: parseOptList(optStr),
+			quiet: true, noFormattingOutput: true,
+		}); err != nil {
+			return t.errorf("%s: error while converting %s: %s", dstName, dstFmt, errText(err))
+		}
+		created = true
+	}
+	extra := map[string]any{}
+	switch cache {
+	case "none", "directsync":
+		extra["cache"] = map[string]any{"direct": true}
+	case "unsafe":
+		extra["cache"] = map[string]any{"no-flush": true}
+	}
+	dst, err := t.openWith(dstName, openFlags{format: dstFmt, writable: true, quiet: true}, extra)
+	if err != nil {
+		return t.errorf("%s", err)
+	}
+	defer dst.close(t.Ctx)
+	j.dst = dst.node
+	if compress {
+		j.cw = dst.node.CompressedWriter()
+		if j.cw == nil || j.cw.ClusterSize() <= 0 {
+			dst.close(t.Ctx)
+			if created && !strings.Contains(dstName, ":") {
+				os.Remove(dstName)
+			}
+			return t.errorf("Compression not supported for this file format")
+		}
+		j.cluster = j.cw.ClusterSize()
+	}
+	if noCreate && dst.node.SizeNow() < j.total {
+		return t.errorf("output file is smaller than input file")
+	}
+	j.zeroInit = created || targetZero
+	j.prog = newProgress(t.Stdout, prog)
+	if err := j.run(); err != nil {
+		j.prog.end()
+		return t.errorf("%s", err)
+	}
+	if err := dst.close(t.Ctx); err != nil {
+		j.prog.end()
+		return t.errorf("%s", errText(err))
+	}
+	j.prog.done()
+	return 0
+}
+
+// openWith is open with extra options for the format node.
+func (t *Tool) openWith(filename string, f openFlags, extra map[string]any) (*image, error) {
+	if len(extra) == 0 {
+		return t.open(filename, f)
+	}
+	saved := t.extraOpts
+	t.extraOpts = extra
+	defer func() { t.extraOpts = saved }()
+	return t.open(filename, f)
+}
+
+// source maps an offset of the concatenation onto a source.
+func (j *convertJob) source(off int64) (int, int64) {
+	i := len(j.starts) - 1
+	for i > 0 && j.starts[i] > off {
+		i--
+	}
+	return i, off - j.starts[i]
+}
+
+// status is the block status at off of the concatenated sources, at most
+// n bytes and never across a source's end.
+func (j *convertJob) status(ctx context.Context, off, n int64) (extent, error) {
+	i, local := j.source(off)
+	src := j.srcs[i]
+	n = min(n, src.SizeNow()-local)
+	if n <= 0 {
+		return extent{start: off, length: 0}, nil
+	}
+	return chainStatus(ctx, src, local, n)
+}
+
+// readAt reads the concatenation.
+func (j *convertJob) readAt(ctx context.Context, buf []byte, off int64) error {
+	for len(buf) > 0 {
+		i, local := j.source(off)
+		n := min(int64(len(buf)), j.srcs[i].SizeNow()-local)
+		if n <= 0 {
+			// A source of size zero: skip to the next one.
+			clear(buf)
+			return nil
+		}
+		if err := j.srcs[i].ReadAt(ctx, buf[:n], local); err != nil {
+			return fmt.Errorf("error while reading at byte %d: %s", off, errnoText(err))
+		}
+		buf, off = buf[n:], off+n
+	}
+	return nil
+}
+
+// task is one request of the conversion.
+type task struct {
+	seq      int
+	off, len int64
+	zero     bool // the source reads as zeros here
+}
+
+func (j *convertJob) run() error {
+	ctx, cancel := context.WithCancel(j.t.Ctx)
+	defer cancel()
+	tasks := make(chan task, j.parallel*2)
+	var (
+		errOnce  sync.Once
+		firstErr error
+		turnMu   sync.Mutex
+		turnCond = sync.NewCond(&turnMu)
+		turn     = 0
+	)
+	fail := func(err error) {
+		errOnce.Do(func() { firstErr = err; cancel() })
+		turnMu.Lock()
+		turnCond.Broadcast()
+		turnMu.Unlock()
+	}
+	// waitTurn keeps writes in order unless -W.
+	waitTurn := func(seq int) bool {
+		if !j.ordered {
+			return true
+		}
+		turnMu.Lock()
+		defer turnMu.Unlock()
+		for turn != seq && ctx.Err() == nil {
+			turnCond.Wait()
+		}
+		return ctx.Err() == nil
+	}
+	passTurn := func() {
+		if !j.ordered {
+			return
+		}
+		turnMu.Lock()
+		turn++
+		turnCond.Broadcast()
+		turnMu.Unlock()
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < j.parallel; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, max(convertChunk, j.cluster))
+			for tk := range tasks {
+				if ctx.Err() != nil {
+					continue
+				}
+				if err := j.do(ctx, tk, buf, waitTurn, passTurn); err != nil {
+					fail(err)
+				}
+			}
+		}()
+	}
+	err := j.plan(ctx, tasks)
+	close(tasks)
+	wg.Wait()
+	if err != nil && firstErr == nil {
+		return err
+	}
+	return firstErr
+}
+
+// plan walks the sources and hands out the requests: runs that read as
+// zeros become zero tasks (nothing at all when the target already reads
+// as zeros and sparse output is on), data runs become data tasks of at
+// most convertChunk bytes. With compression every task is whole clusters.
+func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
+	seq := 0
+	emit := func(tk task) error {
+		tk.seq = seq
+		seq++
+		select {
+		case tasks <- tk:
+			return nil
+		case <-ctx.Done():
+			return nil
+		}
+	}
+	unit := int64(convertChunk)
+	if j.cw != nil {
+		unit = j.cluster * max(1, convertChunk/j.cluster)
+	}
+	for off := int64(0); off < j.total && ctx.Err() == nil; {
+		if j.cw != nil {
+			// Whole clusters, whatever the sources' runs.
+			n := min(unit, j.total-off)
+			zero, err := j.allZeroStatus(ctx, off, n)
+			if err != nil {
+				return err
+			}
+			if zero && j.zeroInit {
+				j.progress(n)
+			} else if err := emit(task{off: off, len: n, zero: zero}); err != nil {
+				return err
+			}
+			off += n
+			continue
+		}
+		e, err := j.status(ctx, off, min(unit, j.total-off))
+		if err != nil {
+			return fmt.Errorf("error while reading block status at offset %d: %s", off, errnoText(err))
+		}
+		n := e.length
+		if n <= 0 {
+			n = min(unit, j.total-off)
+		}
+		zero := e.zero
+		if zero && j.zeroInit && j.sparse > 0 {
+			j.progress(n)
+		} else if err := emit(task{off: off, len: n, zero: zero}); err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+// allZeroStatus reports whether block status says [off, off+n) reads as
+// zeros.
+func (j *convertJob) allZeroStatus(ctx context.Context, off, n int64) (bool, error) {
+	for end := off + n; off < end; {
+		e, err := j.status(ctx, off, end-off)
+		if err != nil {
+			return false, fmt.Errorf("error while reading block status at offset %d: %s", off, errnoText(err))
+		}
+		if e.length <= 0 {
+			return true, nil
+		}
+		if !e.zero {
+			return false, nil
+		}
+		off += e.length
+	}
+	return true, nil
+}
+
+func (j *convertJob) progress(n int64) {
+	d := j.done.Add(n)
+	if j.total > 0 {
+		j.prog.set(float64(d) * 100 / float64(j.total))
+	}
+}
+
+// do runs one task: read, then write in turn.
+func (j *convertJob) do(ctx context.Context, tk task, buf []byte, waitTurn func(int) bool, passTurn func()) error {
+	data := buf[:tk.len]
+	if tk.zero {
+		clear(data)
+	} else if err := j.readAt(ctx, data, tk.off); err != nil {
+		return err // fail() cancels, which releases the writers waiting for this turn
+	}
+	if !waitTurn(tk.seq) {
+		return nil
+	}
+	defer passTurn()
+	var err error
+	switch {
+	case j.cw != nil:
+		err = j.writeCompressed(ctx, tk.off, data)
+	case tk.zero && j.sparse == 0:
+		err = j.dst.WriteAt(ctx, data, tk.off, 0)
+	case tk.zero:
+		err = j.dst.WriteZeroes(ctx, tk.off, tk.len, graph.ZeroMayUnmap)
+	default:
+		err = j.writeSparse(ctx, tk.off, data)
+	}
+	if err != nil {
+		if strings.HasPrefix(err.Error(), "error while") {
+			return err
+		}
+		return fmt.Errorf("error while writing at byte %d: %s", tk.off, errnoText(err))
+	}
+	j.progress(tk.len)
+	return nil
+}
+
+// writeCompressed writes whole clusters through the target's
+// CompressedWriter, skipping clusters of zeros.
+func (j *convertJob) writeCompressed(ctx context.Context, off int64, data []byte) error {
+	for len(data) > 0 {
+		n := min(int64(len(data)), j.cluster)
+		c := data[:n]
+		if firstNonZero(c) >= 0 {
+			if err := j.dst.WriteCompressed(ctx, off, c); err != nil {
+				return err
+			}
+		} else if !j.zeroInit {
+			if err := j.dst.WriteZeroes(ctx, off, n, graph.ZeroMayUnmap); err != nil {
+				return err
+			}
+		}
+		data, off = data[n:], off+n
+	}
+	return nil
+}
+
+// writeSparse writes data, leaving out runs of zeros of at least j.sparse
+// bytes (in 512-byte sectors) as qemu-img's -S does; shorter zero runs
+// are written with the data around them.
+func (j *convertJob) writeSparse(ctx context.Context, off int64, data []byte) error {
+	if j.sparse == 0 {
+		return j.dst.WriteAt(ctx, data, off, 0)
+	}
+	const sector = 512
+	n := int64(len(data))
+	isZero := func(i int64) bool { return firstNonZero(data[i:min(i+sector, n)]) < 0 }
+	var i int64
+	for i < n {
+		start := i
+		for i < n {
+			if !isZero(i) {
+				i += sector
+				continue
+			}
+			z := i
+			for z < n && isZero(z) {
+				z += sector
+			}
+			if min(z, n)-i >= j.sparse {
+				break // a zero run long enough to leave out
+			}
+			i = z
+		}
+		i = min(i, n)
+		if i > start {
+			if err := j.dst.WriteAt(ctx, data[start:i], off+start, 0); err != nil {
+				return err
+			}
+		}
+		zs := i
+		for i < n && isZero(i) {
+			i += sector
+		}
+		i = min(i, n)
+		if i > zs && !j.zeroInit {
+			if err := j.dst.WriteZeroes(ctx, off+zs, i-zs, graph.ZeroMayUnmap); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}

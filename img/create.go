@@ -1,0 +1,286 @@
+package img
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"blockbackend/graph"
+	"blockbackend/permissions"
+	"blockbackend/qmp/qapi"
+)
+
+func (t *Tool) create(args []string) int {
+	opts, ops, ok := t.getopt(args, optSpec{short: "F:b:f:ho:qu", long: []string{"help", "object="}})
+	if !ok {
+		return 1
+	}
+	fmtName, backing, backingFmt := "raw", "", ""
+	var optStrs []string
+	quiet, unsafe := false, false
+	for _, o := range opts {
+		switch o.name {
+		case "h", "help":
+			return t.help("create")
+		case "f":
+			fmtName = o.arg
+		case "o":
+			optStrs = append(optStrs, o.arg)
+		case "b":
+			backing = o.arg
+		case "F":
+			backingFmt = o.arg
+		case "q":
+			quiet = true
+		case "u":
+			unsafe = true
+		case "object":
+			return t.errorf("--object is not supported by blockbackend img")
+		}
+	}
+	optStr := strings.Join(optStrs, ",")
+	if isHelpOpt(optStr) {
+		return t.printCreateHelp(fmtName, firstOr(ops, ""))
+	}
+	if len(ops) < 1 {
+		return t.usageErr("Expecting image file name")
+	}
+	filename := ops[0]
+	size := int64(-1)
+	if len(ops) >= 2 {
+		s, ok := parseSize(ops[1])
+		if !ok {
+			return t.invalidSize()
+		}
+		size = s
+	}
+	if len(ops) > 2 {
+		return t.usageErr("Unexpected argument: %s", ops[2])
+	}
+	if err := t.createImage(createReq{
+		filename: filename, format: fmtName, size: size, opts: parseOptList(optStr),
+		backing: backing, backingFmt: backingFmt, unsafe: unsafe, quiet: quiet,
+	}); err != nil {
+		return t.errorf("%s: %s", filename, errText(err))
+	}
+	return 0
+}
+
+func firstOr(s []string, def string) string {
+	if len(s) > 0 {
+		return s[0]
+	}
+	return def
+}
+
+// protocolFor is the protocol driver that holds filename.
+func protocolFor(filename string) (*graph.Driver, error) {
+	if strings.HasPrefix(filename, "json:") {
+		return nil, errors.New("json: filenames cannot be created; create the plain file")
+	}
+	d, err := graph.ProtocolFor(filename)
+	if err != nil {
+		return nil, err
+	}
+	if d == nil {
+		d = graph.Lookup("file")
+	}
+	if d == nil {
+		return nil, errors.New("no protocol driver for plain files")
+	}
+	return d, nil
+}
+
+func (t *Tool) printCreateHelp(fmtName, filename string) int {
+	drv := graph.Lookup(fmtName)
+	if drv == nil {
+		return t.errorf("Unknown file format '%s'", fmtName)
+	}
+	if drv.NewCreateOptions == nil {
+		return t.errorf("Format driver '%s' does not support image creation", fmtName)
+	}
+	var protoOpts any
+	if !drv.Protocol {
+		if p, err := protocolFor(firstOr([]string{filename}, "")); err == nil && p.NewCreateOptions != nil {
+			protoOpts = p.NewCreateOptions()
+		}
+	}
+	writeOptHelp(t.Stdout, drv.NewCreateOptions(), protoOpts)
+	return 0
+}
+
+// createReq is one image to create (img create, convert's target).
+type createReq struct {
+	filename, format   string
+	size               int64 // -1: not given
+	opts               []kv
+	backing            string
+	backingFmt         string
+	unsafe, quiet      bool
+	noFormattingOutput bool
+}
+
+// createImage makes an image as qemu-img create does: the protocol
+// driver's Create makes the file, then the format's Create formats a node
+// opened over it. Options go to whichever of the two structs has them.
+func (t *Tool) createImage(r createReq) error {
+	drv := graph.Lookup(r.format)
+	if drv == nil {
+		return fmt.Errorf("Unknown file format '%s'", r.format)
+	}
+	if drv.Create == nil || drv.NewCreateOptions == nil {
+		return fmt.Errorf("Format driver '%s' does not support image creation", r.format)
+	}
+	proto, err := protocolFor(r.filename)
+	if err != nil {
+		return err
+	}
+	if proto.Create == nil || proto.NewCreateOptions == nil {
+		return fmt.Errorf("Protocol driver '%s' does not support image creation", proto.Name)
+	}
+	var format, protoT *optTarget
+	if drv.Protocol {
+		// fmt=file (or another protocol): one struct takes everything.
+		proto = drv
+		protoT = newTarget(drv.NewCreateOptions())
+	} else {
+		format = newTarget(drv.NewCreateOptions())
+		protoT = newTarget(proto.NewCreateOptions())
+	}
+	main := format
+	if main == nil {
+		main = protoT
+	}
+	given := map[string]string{}
+	var items []kv
+	for _, it := range r.opts {
+		if it.key == "size" {
+			s, ok := parseSize(it.val)
+			if !ok {
+				return errors.New("Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.")
+			}
+			if r.size >= 0 {
+				return errors.New("The image size must be specified only once")
+			}
+			r.size = s
+			continue
+		}
+		if it.key == "backing_file" && r.backing == "" {
+			r.backing = it.val
+			continue
+		}
+		if it.key == "backing_fmt" && r.backingFmt == "" {
+			r.backingFmt = it.val
+			continue
+		}
+		given[it.key] = it.val
+		items = append(items, it)
+	}
+	if r.backing != "" {
+		if !main.has("backing-file") {
+			return fmt.Errorf("Backing file not supported for file format '%s'", r.format)
+		}
+		items = append(items, kv{"backing_file", r.backing})
+		given["backing_file"] = r.backing
+		if !r.unsafe || r.size < 0 || r.backingFmt == "" {
+			bsize, bfmt, err := t.probeBacking(r.filename, r.backing, r.backingFmt)
+			if err != nil && !r.unsafe {
+				return err
+			}
+			if err == nil {
+				if r.backingFmt == "" {
+					return fmt.Errorf("Backing file specified without backing format\nDetected format of %s.", bfmt)
+				}
+				if r.size < 0 {
+					r.size = bsize
+				}
+			}
+		}
+		if r.backingFmt != "" {
+			items = append(items, kv{"backing_fmt", r.backingFmt})
+			given["backing_fmt"] = r.backingFmt
+		}
+	} else if r.backingFmt != "" {
+		return errors.New("Backing file format is given without a backing file")
+	}
+	if r.size < 0 {
+		return errors.New("Image creation needs a size parameter")
+	}
+	var other *optTarget
+	if main != protoT {
+		other = protoT
+	}
+	if err := route(items, main, other); err != nil {
+		return err
+	}
+	main.set("size", fmt.Sprint(r.size))
+	// Decode once with a placeholder for the node (or file) name, to
+	// check the options and learn the defaults before anything is made.
+	placeholder := "file"
+	if format == nil {
+		placeholder = "filename"
+	}
+	main.set(placeholder, r.filename)
+	if err := qapi.Decode(main.tree, main.opts, qapi.Keyval); err != nil {
+		return err
+	}
+	if !r.quiet && !r.noFormattingOutput {
+		fmt.Fprintln(t.Stdout, formattingLine(r.filename, r.format, r.size, format, other, given))
+	}
+
+	g := graph.New(t.Log)
+	defer g.Close()
+	cc := g.NewCreateContext(t.Log)
+	// The protocol layer: the whole image for fmt=file, else an empty
+	// file the format then fills.
+	protoT.set("filename", r.filename)
+	if format != nil {
+		protoT.set("size", "0")
+	}
+	if err := qapi.Decode(protoT.tree, protoT.opts, qapi.Keyval); err != nil {
+		return err
+	}
+	if err := proto.Create(t.Ctx, cc, protoT.opts); err != nil {
+		return err
+	}
+	if format == nil {
+		return nil
+	}
+	pn, err := g.OpenImage(t.Ctx, r.filename, graph.ImageOptions{Format: proto.Name})
+	if err != nil {
+		return err
+	}
+	u, err := g.AttachUser(toolUser{}, pn, "root", permissions.ConsistentRead|permissions.Write|permissions.Resize, permissions.All)
+	if err != nil {
+		return err
+	}
+	defer g.DetachUser(u)
+	format.set("file", pn.Name())
+	format.opts = drv.NewCreateOptions()
+	if err := qapi.Decode(format.tree, format.opts, qapi.Keyval); err != nil {
+		return err
+	}
+	if err := drv.Create(t.Ctx, cc, format.opts); err != nil {
+		return err
+	}
+	return pn.Flush(t.Ctx)
+}
+
+// probeBacking opens the backing file (relative to the new image's
+// directory, as the format will resolve it) to check it and learn its
+// size and format.
+func (t *Tool) probeBacking(filename, backing, backingFmt string) (int64, string, error) {
+	path := backing
+	if !strings.HasPrefix(backing, "/") && !strings.Contains(backing, ":") {
+		if i := strings.LastIndexByte(filename, '/'); i >= 0 {
+			path = filename[:i+1] + backing
+		}
+	}
+	g := graph.New(t.Log)
+	defer g.Close()
+	n, err := g.OpenImage(t.Ctx, path, graph.ImageOptions{Format: backingFmt, ReadOnly: true, ForceShare: true})
+	if err != nil {
+		return 0, "", fmt.Errorf("%s\nCould not open backing image.", errText(err))
+	}
+	return n.SizeNow(), n.DriverName(), nil
+}
