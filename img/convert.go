@@ -2,6 +2,7 @@ package img
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -140,6 +141,10 @@ func (t *Tool) convert(args []string) int {
 			filename: dstName, format: dstFmt, size: j.total, opts: parseOptList(optStr),
 			quiet: true, noFormattingOutput: true,
 		}); err != nil {
+			var oe optionError
+			if errors.As(err, &oe) {
+				return t.errorf("%s", errText(err))
+			}
 			return t.errorf("%s: error while converting %s: %s", dstName, dstFmt, errText(err))
 		}
 		created = true

@@ -211,7 +211,7 @@ func (t *Tool) createImage(r createReq) error {
 		other = protoT
 	}
 	if err := route(items, main, other); err != nil {
-		return err
+		return optionError{err}
 	}
 	main.set("size", fmt.Sprint(r.size))
 	// Decode once with a placeholder for the node (or file) name, to
@@ -224,8 +224,23 @@ func (t *Tool) createImage(r createReq) error {
 	if err := qapi.Decode(main.tree, main.opts, qapi.Keyval); err != nil {
 		return err
 	}
+	if other != nil {
+		// The protocol's options too, to check them and print them.
+		preview := newTarget(proto.NewCreateOptions())
+		preview.tree = qapi.Clone(other.tree)
+		preview.set("filename", r.filename)
+		preview.set("size", "0")
+		if err := qapi.Decode(preview.tree, preview.opts, qapi.Keyval); err != nil {
+			return err
+		}
+		other.opts = preview.opts
+	}
 	if !r.quiet && !r.noFormattingOutput {
-		fmt.Fprintln(t.Stdout, formattingLine(r.filename, r.format, r.size, format, other, given))
+		shown := other
+		if format == nil {
+			shown = protoT
+		}
+		fmt.Fprintln(t.Stdout, formattingLine(r.filename, r.format, r.size, format, shown, given))
 	}
 
 	g := graph.New(t.Log)
@@ -237,6 +252,7 @@ func (t *Tool) createImage(r createReq) error {
 	if format != nil {
 		protoT.set("size", "0")
 	}
+	protoT.opts = proto.NewCreateOptions()
 	if err := qapi.Decode(protoT.tree, protoT.opts, qapi.Keyval); err != nil {
 		return err
 	}
@@ -265,6 +281,12 @@ func (t *Tool) createImage(r createReq) error {
 	}
 	return pn.Flush(t.Ctx)
 }
+
+// optionError is a bad -o option, found before anything is created
+// (convert reports it without naming the target).
+type optionError struct{ error }
+
+func (e optionError) Unwrap() error { return e.error }
 
 // probeBacking opens the backing file (relative to the new image's
 // directory, as the format will resolve it) to check it and learn its

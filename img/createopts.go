@@ -349,13 +349,21 @@ var shownDefaults = map[string]bool{
 	"lazy_refcounts": true, "refcount_bits": true,
 }
 
-func orderRank(name string) int {
-	for i, o := range formattingOrder {
+// formattingOrderFlat is the order for formats without clusters (raw),
+// where preallocation is the protocol's and comes after nocow.
+var formattingOrderFlat = []string{"size", "backing_file", "backing_fmt", "nocow", "preallocation", "extent_size_hint"}
+
+func orderRank(name string, flat bool) int {
+	order := formattingOrder
+	if flat {
+		order = formattingOrderFlat
+	}
+	for i, o := range order {
 		if o == name || strings.HasSuffix(o, ".") && strings.HasPrefix(name, o) {
 			return i
 		}
 	}
-	return len(formattingOrder)
+	return len(order)
 }
 
 // formattingLine is qemu-img's "Formatting 'f', fmt=F a=b ..." text.
@@ -366,12 +374,13 @@ func formattingLine(filename, fmtName string, size int64, format, proto *optTarg
 	}
 	var items []item
 	seen := map[string]bool{}
+	flat := format == nil || !format.has("cluster-size")
 	add := func(name, val string) {
 		if seen[name] {
 			return
 		}
 		seen[name] = true
-		items = append(items, item{name, val, orderRank(name), len(items)})
+		items = append(items, item{name, val, orderRank(name, flat), len(items)})
 	}
 	add("size", strconv.FormatInt(size, 10))
 	for _, ot := range []*optTarget{format, proto} {

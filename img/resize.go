@@ -5,9 +5,16 @@ import (
 )
 
 func (t *Tool) resize(args []string) int {
-	// A size such as "-1M" looks like an option: qemu-img wants "--"
-	// before it, and so do we (getopt sees "-1M" as options otherwise).
-	opts, ops, ok := t.getopt(args, optSpec{short: "f:hqU", long: []string{"help", "format=", "preallocation=", "shrink", "object=", "image-opts", "force-share"}})
+	// The size is always the last word, so that "-1M" is not taken for an
+	// option (qemu-img takes it off before parsing options, too).
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
+		return t.help("resize")
+	}
+	if len(args) < 2 {
+		return t.usageErr("Expecting image file name and size")
+	}
+	sizeArg := args[len(args)-1]
+	opts, ops, ok := t.getopt(args[:len(args)-1], optSpec{short: "f:hqU", long: []string{"help", "format=", "preallocation=", "shrink", "object=", "image-opts", "force-share"}})
 	if !ok {
 		return 1
 	}
@@ -36,10 +43,10 @@ func (t *Tool) resize(args []string) int {
 			return t.errorf("--%s is not supported by blockbackend img", o.name)
 		}
 	}
-	if len(ops) != 2 {
+	if len(ops) != 1 {
 		return t.usageErr("Expecting image file name and size")
 	}
-	filename, sizeArg := ops[0], ops[1]
+	filename := ops[0]
 	rel := 0
 	switch {
 	case strings.HasPrefix(sizeArg, "+"):
@@ -64,7 +71,7 @@ func (t *Tool) resize(args []string) int {
 	case -1:
 		total = cur - n
 	}
-	if total < 0 {
+	if total <= 0 {
 		return t.errorf("New image size must be positive")
 	}
 	if total < cur && !shrink {
