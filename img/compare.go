@@ -18,7 +18,7 @@ const (
 func (t *Tool) compare(args []string) int {
 	opts, ops, ok := t.getopt(args, optSpec{short: "hf:F:T:pqsU", long: []string{"help", "object=", "image-opts", "force-share"}})
 	if !ok {
-		return cmpError
+		return 1
 	}
 	var fmt1, fmt2 string
 	quiet, strict, share, prog := false, false, false, false
@@ -48,8 +48,7 @@ func (t *Tool) compare(args []string) int {
 		prog = false
 	}
 	if len(ops) != 2 {
-		t.usageErr("Expecting two image file names")
-		return cmpError
+		return t.usageErr("Expecting two image file names")
 	}
 	if fmt2 == "" {
 		fmt2 = fmt1

@@ -144,6 +144,16 @@ func errnoText(err error) string {
 	return err.Error()
 }
 
+// errString is an error as QEMU's error_setg_errno shows a bare errno
+// (its strerror), or the error's own text.
+func errString(err error) string {
+	var en syscall.Errno
+	if errors.As(err, &en) && err.Error() == en.Error() {
+		return strerror(en)
+	}
+	return errText(err)
+}
+
 // strerror is glibc's wording (Go's texts are lower case).
 func strerror(en syscall.Errno) string {
 	s := en.Error()

@@ -58,7 +58,7 @@ func (t *Tool) rebase(args []string) int {
 	}
 	defer im.close(t.Ctx)
 	changeErr := func(err error) int {
-		return t.errorf("Could not change the backing file to '%s': %s", backing, errnoText(err))
+		return t.errorf("Could not change the backing file to '%s': %s", backing, errString(err))
 	}
 	bc, ok := im.node.Instance().(graph.BackingChanger)
 	if !ok {

@@ -11,7 +11,7 @@ func (t *Tool) resize(args []string) int {
 		return t.help("resize")
 	}
 	if len(args) < 2 {
-		return t.usageErr("Expecting image file name and size")
+		return t.usageErr("Not enough arguments")
 	}
 	sizeArg := args[len(args)-1]
 	opts, ops, ok := t.getopt(args[:len(args)-1], optSpec{short: "f:hqU", long: []string{"help", "format=", "preallocation=", "shrink", "object=", "image-opts", "force-share"}})
@@ -56,7 +56,9 @@ func (t *Tool) resize(args []string) int {
 	}
 	n, ok := parseSize(sizeArg)
 	if !ok {
-		return t.invalidSize()
+		return t.errorf("Parameter 'size' expects a non-negative number below 2^64\n" +
+			"Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
+			"and exabytes, respectively.")
 	}
 	im, err := t.open(filename, openFlags{format: format, writable: true, quiet: quiet})
 	if err != nil {

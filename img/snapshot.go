@@ -35,10 +35,9 @@ func (t *Tool) snapshot(args []string) int {
 	if len(ops) != 1 {
 		return t.usageErr("Expecting one image file name")
 	}
-	if action == "" {
-		action = "l"
-	}
 	filename := ops[0]
+	// Without an action qemu-img opens the image for writing and does
+	// nothing.
 	im, err := t.open(filename, openFlags{writable: action != "l", forceShare: share && action == "l", quiet: quiet})
 	if err != nil {
 		return t.errorf("%s", err)
