@@ -153,12 +153,13 @@ func fakeCreate(ctx context.Context, cc *graph.CreateContext, o any) error {
 		return fmt.Errorf("fakefmt: image too large")
 	}
 	h := &fakeHeader{size: int64(opts.Size), backing: opts.BackingFile, backingFmt: opts.BackingFmt, bitmap: make([]byte, fakeBitmap)}
-	if err := n.Truncate(ctx, fakeHdr, true, "off"); err != nil {
+	if err := n.Truncate(ctx, fakeHdr+int64(opts.Size), true, "off"); err != nil {
 		return err
 	}
 	st := fakeStateFor(n.Filename())
 	st.mu.Lock()
-	*st = fakeState{snapData: map[string][]byte{}, lazy: opts.LazyRefcounts}
+	st.snaps, st.snapData, st.lazy = nil, map[string][]byte{}, opts.LazyRefcounts
+	st.check, st.checkErr, st.compressed, st.amendCalls, st.changeCalls = graph.CheckResult{}, nil, 0, 0, 0
 	st.mu.Unlock()
 	return n.WriteAt(ctx, h.encode(), 0, 0)
 }
