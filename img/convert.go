@@ -126,7 +126,7 @@ func (t *Tool) convert(args []string) int {
 	srcNames, dstName := ops[:len(ops)-1], ops[len(ops)-1]
 	j := &convertJob{t: t, sparse: sparse, parallel: parallel, ordered: ordered}
 	for _, name := range srcNames {
-		im, err := t.open(name, openFlags{format: srcFmt, forceShare: share})
+		im, err := t.open(name, openFlags{format: srcFmt, forceShare: share, exclusive: true})
 		if err != nil {
 			return t.errorf("%s", err)
 		}

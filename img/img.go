@@ -185,12 +185,18 @@ type openFlags struct {
 	// noBacking opens without the backing chain (rebase -u, create -u).
 	noBacking bool
 	quiet     bool
+	// exclusive: nobody else may write (convert's sources).
+	exclusive bool
+	// resize: the size will change (resize).
+	resize bool
 }
 
 // open opens filename as qemu-img does (img_open): the graph's
-// OpenImage, then a user with BlockBackend's permissions: consistent read
-// (plus write and resize when writable), sharing consistent read and
-// write-unchanged (everything with -U).
+// OpenImage, then a user with the permissions qemu-img's BlockBackend
+// holds. Observed with qemu-img 7.2 against a qemu-nbd that writes the
+// image: every command but convert shares write and resize with other
+// users (info, map, compare, amend, rebase work; resize, which needs
+// resize, does not), while convert's sources do not share write.
 func (t *Tool) open(filename string, f openFlags) (*image, error) {
 	g := graph.New(t.Log)
 	o := graph.ImageOptions{Format: f.format, ReadOnly: !f.writable, ForceShare: f.forceShare && !f.writable}
@@ -224,12 +230,15 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 		return nil, fmt.Errorf("Could not open '%s': %s", filename, errText(err))
 	}
 	perm := permissions.ConsistentRead
-	shared := permissions.ConsistentRead | permissions.WriteUnchanged
-	if f.writable {
-		perm |= permissions.Write | permissions.Resize
+	shared := permissions.All
+	if f.exclusive && !f.forceShare {
+		shared = permissions.ConsistentRead | permissions.WriteUnchanged
 	}
-	if f.forceShare {
-		shared = permissions.All
+	if f.writable {
+		perm |= permissions.Write
+	}
+	if f.resize {
+		perm |= permissions.Resize
 	}
 	u, err := g.AttachUser(toolUser{}, n, "root", perm, shared)
 	if err != nil {

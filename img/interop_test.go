@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	_ "blockbackend/drivers/file"
 	_ "blockbackend/drivers/raw"
@@ -75,6 +76,12 @@ func runScript(t *testing.T, steps []step) {
 					t.Fatalf("qemu-io %q: %+v", st[1:], r)
 				}
 			}
+		case "nbd":
+			// A qemu-nbd serving st[1] writable holds its locks.
+			needQEMU(t, "qemu-nbd")
+			for _, d := range []string{qdir, odir} {
+				startNBD(t, d, st[1])
+			}
 		case "img":
 			want := runTool(t, qdir, "qemu-img", st[1:]...)
 			got := runOurs(t, odir, st[1:]...)
@@ -86,6 +93,28 @@ func runScript(t *testing.T, steps []step) {
 			t.Fatalf("bad step %q", st)
 		}
 	}
+}
+
+// startNBD runs qemu-nbd on file in dir until the test ends.
+func startNBD(t *testing.T, dir, file string) {
+	t.Helper()
+	sock := filepath.Join(dir, "nbd.sock")
+	cmd := exec.Command("qemu-nbd", "-f", "raw", "-t", "--socket="+sock, file)
+	cmd.Dir = dir
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("qemu-nbd did not start")
 }
 
 func TestInteropCreateInfo(t *testing.T) {
@@ -223,6 +252,29 @@ func TestInteropNoCapability(t *testing.T) {
 		s("img", "rebase", "-f", "raw", "-b", "b.raw", "-F", "raw", "a.raw"),
 		s("img", "rebase", "-u", "-f", "raw", "-b", "b.raw", "-F", "raw", "a.raw"),
 		s("img", "check", "-f", "raw", "a.raw"),
+	})
+}
+
+// TestInteropLocks runs the commands against an image that qemu-nbd is
+// serving writable: which of them its locks stop, and with which words.
+func TestInteropLocks(t *testing.T) {
+	runScript(t, []step{
+		s("img", "create", "-q", "-f", "raw", "lk.raw", "1M"),
+		s("img", "create", "-q", "-f", "raw", "src.raw", "1M"),
+		s("nbd", "lk.raw"),
+		s("img", "info", "lk.raw"),
+		s("img", "map", "lk.raw"),
+		s("img", "measure", "-O", "raw", "lk.raw"),
+		s("img", "compare", "lk.raw", "src.raw"),
+		s("img", "snapshot", "-l", "lk.raw"),
+		s("img", "snapshot", "-c", "x", "lk.raw"),
+		s("img", "amend", "-f", "raw", "-o", "size=1M", "lk.raw"),
+		s("img", "resize", "-f", "raw", "lk.raw", "2M"),
+		s("img", "convert", "-O", "raw", "lk.raw", "out.raw"),
+		s("img", "convert", "-U", "-O", "raw", "lk.raw", "out.raw"),
+		s("img", "convert", "-n", "-O", "raw", "src.raw", "lk.raw"),
+		s("img", "convert", "-O", "raw", "src.raw", "lk.raw"),
+		s("img", "create", "-f", "raw", "lk.raw", "1M"),
 	})
 }
 
