@@ -88,12 +88,23 @@ func TestFakeCreateInfoMap(t *testing.T) {
   backing_file=<str>     - File name of a base image
   backing_fmt=<str>      - Image format of the base image
   cluster_size=<size>    - qcow2 cluster size
+  data_file=<str>        - File name of an external data file
   extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
   size=<size>            - Virtual disk size
 `, "", "create", "-f", "fakefmt", "-o", "help")
+
+	// A node-valued option is given as a file name: the file is made
+	// and its node passed.
+	wantRun(t, dir, 0, "", "", "create", "-q", "-f", "fakefmt", "-o", "data_file=d.data", "t7.fk", "64k")
+	if st := fakeStateFor(filepath.Join(dir, "t7.fk")); st.dataFile != "d.data" {
+		t.Errorf("data_file: the format got %q", st.dataFile)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "d.data")); err != nil {
+		t.Errorf("data_file not created: %v", err)
+	}
 
 	writeImage(t, filepath.Join(dir, "base.fk"), "fakefmt", 0, pattern(1, 128<<10))
 	writeImage(t, filepath.Join(dir, "top.fk"), "fakefmt", 64<<10, pattern(2, 64<<10))

@@ -3,6 +3,7 @@ package img
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 
 	"blockbackend/graph"
@@ -272,6 +273,21 @@ func (t *Tool) createImage(r createReq) error {
 	}
 	defer g.DetachUser(u)
 	format.set("file", pn.Name())
+	// Other members that name a node (qcow2's data-file) are given to
+	// qemu-img as file names: make each file with the protocol driver,
+	// open it and pass its node, as qemu-img creates data_file.
+	for name, v := range format.tree {
+		fname, ok := v.(string)
+		if m, isMember := member(format.opts, name); name == "file" || !ok || fname == "" || !isMember || !isChildRef(m.Type) {
+			continue
+		}
+		node, u, err := t.createAux(g, cc, fname)
+		if err != nil {
+			return err
+		}
+		defer g.DetachUser(u)
+		format.tree[name] = node.Name()
+	}
 	format.opts = drv.NewCreateOptions()
 	if err := qapi.Decode(format.tree, format.opts, qapi.Keyval); err != nil {
 		return err
@@ -280,6 +296,43 @@ func (t *Tool) createImage(r createReq) error {
 		return err
 	}
 	return pn.Flush(t.Ctx)
+}
+
+var childRefType = reflect.TypeOf(graph.ChildRef{})
+
+func isChildRef(t reflect.Type) bool {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t == childRefType
+}
+
+// createAux makes an empty file for a node-valued create option and
+// opens it, writable, in g.
+func (t *Tool) createAux(g *graph.Graph, cc *graph.CreateContext, filename string) (*graph.Node, *graph.Child, error) {
+	proto, err := protocolFor(filename)
+	if err != nil {
+		return nil, nil, err
+	}
+	if proto.Create == nil || proto.NewCreateOptions == nil {
+		return nil, nil, fmt.Errorf("Protocol driver '%s' does not support image creation", proto.Name)
+	}
+	opts := proto.NewCreateOptions()
+	if err := qapi.Decode(map[string]any{"filename": filename, "size": "0"}, opts, qapi.Keyval); err != nil {
+		return nil, nil, err
+	}
+	if err := proto.Create(t.Ctx, cc, opts); err != nil {
+		return nil, nil, err
+	}
+	n, err := g.OpenImage(t.Ctx, filename, graph.ImageOptions{Format: proto.Name})
+	if err != nil {
+		return nil, nil, err
+	}
+	u, err := g.AttachUser(toolUser{}, n, "root", permissions.ConsistentRead|permissions.Write|permissions.Resize, permissions.All)
+	if err != nil {
+		return nil, nil, err
+	}
+	return n, u, nil
 }
 
 // optionError is a bad -o option, found before anything is created

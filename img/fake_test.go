@@ -43,6 +43,7 @@ type fakeState struct {
 	lazy        bool
 	amendCalls  int
 	changeCalls int
+	dataFile    string // the data-file node's filename at creation
 }
 
 var fakeStates = struct {
@@ -74,6 +75,7 @@ type fakeCreateOptions struct {
 	BackingFmt    string         `qapi:"backing-fmt,optional"`
 	ClusterSize   qapi.Size      `qapi:"cluster-size,optional"`
 	LazyRefcounts bool           `qapi:"lazy-refcounts,optional"`
+	DataFile      graph.ChildRef `qapi:"data-file,optional"`
 }
 
 type fakeAmendOptions struct {
@@ -160,6 +162,15 @@ func fakeCreate(ctx context.Context, cc *graph.CreateContext, o any) error {
 	st.mu.Lock()
 	st.snaps, st.snapData, st.lazy = nil, map[string][]byte{}, opts.LazyRefcounts
 	st.check, st.checkErr, st.compressed, st.amendCalls, st.changeCalls = graph.CheckResult{}, nil, 0, 0, 0
+	st.dataFile = ""
+	if opts.DataFile.Ref != "" {
+		dn, err := cc.LookupNode(opts.DataFile.Ref)
+		if err != nil {
+			st.mu.Unlock()
+			return err
+		}
+		st.dataFile = dn.Filename()
+	}
 	st.mu.Unlock()
 	return n.WriteAt(ctx, h.encode(), 0, 0)
 }
@@ -446,5 +457,5 @@ var (
 	_ graph.CompressedWriter = (*fakeNode)(nil)
 	_ graph.BlockStatuser    = (*fakeNode)(nil)
 	_ graph.Infoer           = (*fakeNode)(nil)
-	_ backingFiler           = (*fakeNode)(nil)
+	_ graph.BackingFiler     = (*fakeNode)(nil)
 )

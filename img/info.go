@@ -15,14 +15,6 @@ import (
 // any format with clusters may offer it alone.
 type clusterSizer interface{ ClusterSize() int64 }
 
-// backingFiler is an optional capability: the backing file name and
-// format as recorded in the image (qcow2's header), which may differ
-// from the path the backing node was opened with. Without it, info shows
-// the backing node's filename and driver.
-type backingFiler interface {
-	BackingFile() (name, format string)
-}
-
 // imageInfo gathers what qemu-img info shows for one node, as a tree
 // with qemu-img's JSON member names.
 func (t *Tool) imageInfo(n *graph.Node, filename string) (map[string]any, []graph.SnapshotInfo, error) {
@@ -80,7 +72,9 @@ func (t *Tool) imageInfo(n *graph.Node, filename string) (map[string]any, []grap
 // full path qemu-img shows (the name resolved against the image's
 // directory).
 func backingOf(n *graph.Node, filename string) (name, format, full string) {
-	if b, ok := n.Instance().(backingFiler); ok {
+	// The name recorded in the image; without graph.BackingFiler, the
+	// backing node's filename and driver.
+	if b, ok := n.Instance().(graph.BackingFiler); ok {
 		name, format = b.BackingFile()
 	}
 	c := n.Child("backing")

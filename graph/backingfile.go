@@ -1,0 +1,12 @@
+package graph
+
+// BackingFiler is an optional capability of formats with backing files:
+// the backing file name and format as recorded in the image (qcow2's
+// header), which is what img info shows as "backing-filename" and
+// "backing-filename-format" even when the image was opened without its
+// backing chain (qemu-img info does that). The name is as stored, not
+// resolved against the image's directory; both are "" when there is no
+// backing file.
+type BackingFiler interface {
+	BackingFile() (name, format string)
+}
