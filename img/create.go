@@ -51,6 +51,9 @@ func (t *Tool) create(args []string) int {
 	if len(ops) >= 2 {
 		s, ok := parseSize(ops[1])
 		if !ok {
+			if v, err := qapi.ParseSize(strings.TrimSuffix(ops[1], "b")); err == nil && v > 1<<63-1 {
+				return t.errorf("Invalid image size specified. Must be between 0 and %d.", int64(1<<63-1))
+			}
 			return t.invalidSize()
 		}
 		size = s
@@ -223,6 +226,18 @@ func (t *Tool) createImage(r createReq) error {
 	}
 	main.set(placeholder, r.filename)
 	if err := qapi.Decode(main.tree, main.opts, qapi.Keyval); err != nil {
+		// qemu-img checks an enum's value only when the driver reads it,
+		// after it has printed what it is about to do.
+		if v, ok := enumValueError(err); ok {
+			if !r.quiet && !r.noFormattingOutput {
+				fmt.Fprintln(t.Stdout, formattingLine(r.filename, r.format, r.size, format, other, given, true))
+			}
+			if strings.Contains(err.Error(), "'preallocation'") && (v == "metadata" || v == "falloc" || v == "full") {
+				// A PreallocMode value the format does not offer.
+				return fmt.Errorf("Unsupported preallocation mode: %s", v)
+			}
+			return fmt.Errorf("invalid parameter value: %s", v)
+		}
 		return err
 	}
 	if other != nil {
@@ -241,7 +256,7 @@ func (t *Tool) createImage(r createReq) error {
 		if format == nil {
 			shown = protoT
 		}
-		fmt.Fprintln(t.Stdout, formattingLine(r.filename, r.format, r.size, format, shown, given))
+		fmt.Fprintln(t.Stdout, formattingLine(r.filename, r.format, r.size, format, shown, given, false))
 	}
 
 	g := graph.New(t.Log)
@@ -296,6 +311,18 @@ func (t *Tool) createImage(r createReq) error {
 		return err
 	}
 	return pn.Flush(t.Ctx)
+}
+
+// enumValueError recognises qapi's "Parameter 'x' does not accept value
+// 'v'" and returns v.
+func enumValueError(err error) (string, bool) {
+	const mark = "does not accept value '"
+	msg := err.Error()
+	i := strings.Index(msg, mark)
+	if i < 0 {
+		return "", false
+	}
+	return strings.TrimSuffix(msg[i+len(mark):], "'"), true
 }
 
 var childRefType = reflect.TypeOf(graph.ChildRef{})

@@ -367,7 +367,8 @@ func orderRank(name string, flat bool) int {
 }
 
 // formattingLine is qemu-img's "Formatting 'f', fmt=F a=b ..." text.
-func formattingLine(filename, fmtName string, size int64, format, proto *optTarget, given map[string]string) string {
+// With raw, user-given options show as given (their decoding failed).
+func formattingLine(filename, fmtName string, size int64, format, proto *optTarget, given map[string]string, raw bool) string {
 	type item struct {
 		name, val string
 		rank, seq int
@@ -393,7 +394,7 @@ func formattingLine(filename, fmtName string, size int64, format, proto *optTarg
 				add(name, given[name])
 				continue
 			}
-			if v, ok := fieldValue(ot.opts, q); ok {
+			if v, ok := fieldValue(ot.opts, q); ok && !raw {
 				add(name, v)
 			} else {
 				add(name, given[name])
