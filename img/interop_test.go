@@ -76,6 +76,12 @@ func runScript(t *testing.T, steps []step) {
 					t.Fatalf("qemu-io %q: %+v", st[1:], r)
 				}
 			}
+		case "sh":
+			for _, d := range []string{qdir, odir} {
+				if r := runTool(t, d, "sh", "-c", st[1]); r.code != 0 {
+					t.Fatalf("sh %q: %+v", st[1], r)
+				}
+			}
 		case "nbd":
 			// A qemu-nbd serving st[1] writable holds its locks.
 			needQEMU(t, "qemu-nbd")
@@ -188,6 +194,13 @@ func TestInteropMapCheckMeasureCompare(t *testing.T) {
 		s("img", "compare", "-s", "a.raw", "c.raw"),
 		s("img", "compare", "-p", "-f", "raw", "a.raw", "c.raw"),
 		s("img", "compare", "a.raw", "nonexist"),
+		// Strict mode compares block status too: a sparse copy differs.
+		s("sh", "cp --sparse=always a.raw sparse.raw"),
+		s("img", "compare", "-s", "a.raw", "sparse.raw"),
+		s("sh", "cp --sparse=always a.raw sparse2.raw"),
+		s("io", "-f", "raw", "-c", "write -P 3 8k 4k", "sparse2.raw"),
+		s("img", "compare", "-s", "sparse.raw", "sparse2.raw"),
+		s("img", "compare", "-s", "a.raw", "a.raw"),
 		s("img", "compare", "a.raw"),
 	})
 }
