@@ -357,3 +357,21 @@ func TestFakeMeasure(t *testing.T) {
 	wantRun(t, dir, 0, "required size: 69632\nfully allocated size: 1052672\nbitmaps size: 0\n", "", "measure", "-O", "fakefmt", "-f", "raw", "src.raw")
 	wantRun(t, dir, 1, "", "qemu-img: Invalid parameter 'bogus'\n", "measure", "-O", "fakefmt", "-o", "bogus=1", "--size", "1M")
 }
+
+// TestFakeConvertOverBacking: a target created with a backing file does
+// not read as zeros, so the zeros of the source must be written.
+func TestFakeConvertOverBacking(t *testing.T) {
+	dir := t.TempDir()
+	p := func(n string) string { return filepath.Join(dir, n) }
+	mustRun(t, dir, "create", "-q", "-f", "fakefmt", "base.fk", "256k")
+	writeImage(t, p("base.fk"), "fakefmt", 0, pattern(7, 256<<10))
+	mustRun(t, dir, "create", "-q", "-f", "raw", "src.raw", "256k")
+	writeImage(t, p("src.raw"), "raw", 64<<10, pattern(1, 4096))
+	mustRun(t, dir, "convert", "-O", "fakefmt", "-o", "backing_file=base.fk,backing_fmt=fakefmt", "src.raw", "out.fk")
+	if got, want := readImage(t, p("out.fk"), "fakefmt"), readImage(t, p("src.raw"), "raw"); !bytes.Equal(got, want) {
+		t.Errorf("the backing file's data shows through the converted image")
+	}
+	if r := mustRun(t, dir, "info", "out.fk"); !strings.Contains(r.stdout, "backing file: base.fk\n") {
+		t.Errorf("info:\n%s", r.stdout)
+	}
+}

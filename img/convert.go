@@ -176,7 +176,9 @@ func (t *Tool) convert(args []string) int {
 	if noCreate && dst.node.SizeNow() < j.total {
 		return t.errorf("output file is smaller than input file")
 	}
-	j.zeroInit = created || targetZero
+	// A new image reads as zeros, unless it was given a backing file
+	// (-o backing_file): then what it does not allocate comes from there.
+	j.zeroInit = created && dst.node.Child("backing") == nil || targetZero
 	j.prog = newProgress(t.Stdout, prog)
 	if err := j.run(); err != nil {
 		j.prog.end()
