@@ -29,7 +29,9 @@ func (t *Tool) amend(args []string) int {
 		case "force":
 			force = true
 		case "t", "p":
-		case "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "image-opts":
 			return t.errorf("--%s is not supported by blockbackend img", o.name)
 		}
 	}

@@ -47,7 +47,9 @@ func (t *Tool) check(args []string) int {
 		case "U", "force-share":
 			share = true
 		case "T":
-		case "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "image-opts":
 			return t.errorf("--%s is not supported by blockbackend img", o.name)
 		}
 	}

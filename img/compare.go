@@ -39,9 +39,11 @@ func (t *Tool) compare(args []string) int {
 		case "U", "force-share":
 			share = true
 		case "T":
-		case "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "image-opts":
 			t.errorf("--%s is not supported by blockbackend img", o.name)
-			return cmpError
+			return 1
 		}
 	}
 	if quiet {

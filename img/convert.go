@@ -100,7 +100,9 @@ func (t *Tool) convert(args []string) int {
 			share = true
 		case "target-is-zero":
 			targetZero = true
-		case "C", "B", "l", "r", "salvage", "bitmaps", "object", "image-opts", "target-image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "C", "B", "l", "r", "salvage", "bitmaps", "image-opts", "target-image-opts":
 			return t.errorf("option %s is not supported by blockbackend img", o.name)
 		}
 	}

@@ -36,7 +36,7 @@ func (t *Tool) create(args []string) int {
 		case "u":
 			unsafe = true
 		case "object":
-			return t.errorf("--object is not supported by blockbackend img")
+			t.objects = append(t.objects, o.arg)
 		}
 	}
 	optStr := strings.Join(optStrs, ",")
@@ -259,7 +259,10 @@ func (t *Tool) createImage(r createReq) error {
 		fmt.Fprintln(t.Stdout, formattingLine(r.filename, r.format, r.size, format, shown, given, false))
 	}
 
-	g := graph.New(t.Log)
+	g, err := t.newGraph()
+	if err != nil {
+		return err
+	}
 	defer g.Close()
 	cc := g.NewCreateContext(t.Log)
 	// The protocol layer: the whole image for fmt=file, else an empty
@@ -378,7 +381,10 @@ func (t *Tool) probeBacking(filename, backing, backingFmt string) (int64, string
 			path = filename[:i+1] + backing
 		}
 	}
-	g := graph.New(t.Log)
+	g, err := t.newGraph()
+	if err != nil {
+		return 0, "", err
+	}
 	defer g.Close()
 	n, err := g.OpenImage(t.Ctx, path, graph.ImageOptions{Format: backingFmt, ReadOnly: true, ForceShare: true})
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 
 	"blockbackend/graph"
 	"blockbackend/permissions"
+	"blockbackend/qmp/keyval"
 	"blockbackend/qmp/qapi"
 )
 
@@ -32,6 +33,27 @@ type Tool struct {
 	Ctx context.Context
 
 	extraOpts map[string]any // merged into the next open's format node options
+	objects   []string       // --object definitions, added to every graph
+}
+
+// newGraph is a graph with the --object objects (secrets) in it.
+func (t *Tool) newGraph() (*graph.Graph, error) {
+	g := graph.New(t.Log)
+	for _, def := range t.objects {
+		m, isJSON, err := keyval.ParseOption(def, "qom-type")
+		if err == nil {
+			mode := qapi.Keyval
+			if isJSON {
+				mode = qapi.JSON
+			}
+			err = g.Objects.Add(m, mode)
+		}
+		if err != nil {
+			g.Close()
+			return nil, err
+		}
+	}
+	return g, nil
 }
 
 // Main runs `img ARGS...` with qemu-img's name in messages and returns
@@ -198,7 +220,10 @@ type openFlags struct {
 // users (info, map, compare, amend, rebase work; resize, which needs
 // resize, does not), while convert's sources do not share write.
 func (t *Tool) open(filename string, f openFlags) (*image, error) {
-	g := graph.New(t.Log)
+	g, err := t.newGraph()
+	if err != nil {
+		return nil, err
+	}
 	o := graph.ImageOptions{Format: f.format, ReadOnly: !f.writable, ForceShare: f.forceShare && !f.writable}
 	if f.writable && !f.quiet {
 		o.Warn = func(s string) { fmt.Fprintln(t.Stderr, s) }
@@ -221,7 +246,9 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 	if err != nil && f.noBacking && isUnexpected(err, "backing") {
 		// A format without backing files: open it plainly.
 		g.Close()
-		g = graph.New(t.Log)
+		if g, err = t.newGraph(); err != nil {
+			return nil, err
+		}
 		o.Extra = extra(false)
 		n, err = g.OpenImage(t.Ctx, filename, o)
 	}

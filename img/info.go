@@ -181,7 +181,9 @@ func (t *Tool) info(args []string) int {
 			chain = true
 		case "U", "force-share":
 			share = true
-		case "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "image-opts":
 			return t.errorf("--%s is not supported by blockbackend img", o.name)
 		}
 	}

@@ -39,7 +39,9 @@ func (t *Tool) mapCmd(args []string) int {
 				return t.errorf("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 			}
 			maxLen = v
-		case "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "image-opts":
 			return t.errorf("--%s is not supported by blockbackend img", o.name)
 		}
 	}

@@ -39,7 +39,9 @@ func (t *Tool) measure(args []string) int {
 			size = v
 		case "U", "force-share":
 			share = true
-		case "l", "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "l", "image-opts":
 			return t.errorf("-%s is not supported by blockbackend img", o.name)
 		}
 	}

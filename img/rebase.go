@@ -38,7 +38,9 @@ func (t *Tool) rebase(args []string) int {
 		case "U", "force-share":
 			share = true
 		case "t", "T":
-		case "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "image-opts":
 			return t.errorf("--%s is not supported by blockbackend img", o.name)
 		}
 	}
@@ -67,7 +69,10 @@ func (t *Tool) rebase(args []string) int {
 	if !unsafe {
 		var newNode *graph.Node
 		if backing != "" {
-			g := graph.New(t.Log)
+			g, err := t.newGraph()
+			if err != nil {
+				return t.errorf("%s", errText(err))
+			}
 			defer g.Close()
 			path := backing
 			if !filepath.IsAbs(backing) && !strings.Contains(backing, ":") {

@@ -39,7 +39,9 @@ func (t *Tool) resize(args []string) int {
 		case "q":
 			quiet = true
 		case "U", "force-share":
-		case "object", "image-opts":
+		case "object":
+			t.objects = append(t.objects, o.arg)
+		case "image-opts":
 			return t.errorf("--%s is not supported by blockbackend img", o.name)
 		}
 	}
