@@ -32,7 +32,7 @@ func (t *Tool) amend(args []string) int {
 		case "object":
 			t.objects = append(t.objects, o.arg)
 		case "image-opts":
-			return t.errorf("--%s is not supported by blockbackend img", o.name)
+			t.imageOpts = true
 		}
 	}
 	optStr := strings.Join(optStrs, ",")

@@ -50,7 +50,7 @@ func (t *Tool) check(args []string) int {
 		case "object":
 			t.objects = append(t.objects, o.arg)
 		case "image-opts":
-			return t.errorf("--%s is not supported by blockbackend img", o.name)
+			t.imageOpts = true
 		}
 	}
 	if len(ops) != 1 {
@@ -98,6 +98,9 @@ func (t *Tool) check(args []string) int {
 		res = again
 	}
 	if jsonOut {
+		if t.imageOpts {
+			filename = im.node.Filename()
+		}
 		m := map[string]any{
 			"filename":     filename,
 			"format":       im.node.DriverName(),

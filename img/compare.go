@@ -42,8 +42,7 @@ func (t *Tool) compare(args []string) int {
 		case "object":
 			t.objects = append(t.objects, o.arg)
 		case "image-opts":
-			t.errorf("--%s is not supported by blockbackend img", o.name)
-			return 1
+			t.imageOpts = true
 		}
 	}
 	if quiet {

@@ -102,7 +102,9 @@ func (t *Tool) convert(args []string) int {
 			targetZero = true
 		case "object":
 			t.objects = append(t.objects, o.arg)
-		case "C", "B", "l", "r", "salvage", "bitmaps", "image-opts", "target-image-opts":
+		case "image-opts":
+			t.imageOpts = true
+		case "C", "B", "l", "r", "salvage", "bitmaps", "target-image-opts":
 			return t.errorf("option %s is not supported by blockbackend img", o.name)
 		}
 	}
@@ -158,7 +160,7 @@ func (t *Tool) convert(args []string) int {
 	case "unsafe":
 		extra["cache"] = map[string]any{"no-flush": true}
 	}
-	dst, err := t.openWith(dstName, openFlags{format: dstFmt, writable: true, quiet: true}, extra)
+	dst, err := t.openWith(dstName, openFlags{format: dstFmt, writable: true, quiet: true, plainName: true}, extra)
 	if err != nil {
 		return t.errorf("%s", err)
 	}

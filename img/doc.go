@@ -24,7 +24,7 @@
 // json.go were observed from qemu-img 7.2's output; keys not seen there
 // come after, sorted.
 //
-// What it is not: no --image-opts/--object/-T/-l snapshot_param, no bench,
-// bitmap, commit or dd subcommands (qemu-img's messages for an unknown
-// option or command answer them).
+// What it is not: no bench, bitmap, commit or dd subcommands, no
+// --target-image-opts, no convert -B/-l/-C/-r/--salvage/--bitmaps; -T and
+// -t other than convert's are accepted and ignored.
 package img

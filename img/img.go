@@ -34,6 +34,7 @@ type Tool struct {
 
 	extraOpts map[string]any // merged into the next open's format node options
 	objects   []string       // --object definitions, added to every graph
+	imageOpts bool           // --image-opts: image names are block options
 }
 
 // newGraph is a graph with the --object objects (secrets) in it.
@@ -211,6 +212,9 @@ type openFlags struct {
 	exclusive bool
 	// resize: the size will change (resize).
 	resize bool
+	// plainName: the name is a filename even with --image-opts (convert's
+	// target).
+	plainName bool
 }
 
 // open opens filename as qemu-img does (img_open): the graph's
@@ -220,6 +224,9 @@ type openFlags struct {
 // users (info, map, compare, amend, rebase work; resize, which needs
 // resize, does not), while convert's sources do not share write.
 func (t *Tool) open(filename string, f openFlags) (*image, error) {
+	if t.imageOpts && !f.plainName && f.format != "" {
+		return nil, errors.New("--image-opts and --format are mutually exclusive")
+	}
 	g, err := t.newGraph()
 	if err != nil {
 		return nil, err
@@ -241,8 +248,18 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 		}
 		return m
 	}
+	openIt := func() (*graph.Node, error) {
+		if t.imageOpts && !f.plainName {
+			m, err := keyval.Parse(filename, "")
+			if err != nil {
+				return nil, err
+			}
+			return g.OpenImageOptions(t.Ctx, m, qapi.Keyval, o)
+		}
+		return g.OpenImage(t.Ctx, filename, o)
+	}
 	o.Extra = extra(f.noBacking)
-	n, err := g.OpenImage(t.Ctx, filename, o)
+	n, err := openIt()
 	if err != nil && f.noBacking && isUnexpected(err, "backing") {
 		// A format without backing files: open it plainly.
 		g.Close()
@@ -250,7 +267,7 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 			return nil, err
 		}
 		o.Extra = extra(false)
-		n, err = g.OpenImage(t.Ctx, filename, o)
+		n, err = openIt()
 	}
 	if err != nil {
 		g.Close()

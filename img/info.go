@@ -184,7 +184,7 @@ func (t *Tool) info(args []string) int {
 		case "object":
 			t.objects = append(t.objects, o.arg)
 		case "image-opts":
-			return t.errorf("--%s is not supported by blockbackend img", o.name)
+			t.imageOpts = true
 		}
 	}
 	if len(ops) != 1 {
@@ -199,6 +199,9 @@ func (t *Tool) info(args []string) int {
 	var infos []map[string]any
 	var snapLists [][]graph.SnapshotInfo
 	n, fn := im.node, filename
+	if t.imageOpts {
+		fn = im.node.Filename() // the options name no single file; QEMU shows the node's
+	}
 	for n != nil {
 		m, snaps, err := t.imageInfo(n, fn)
 		if err != nil {

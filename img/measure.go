@@ -41,7 +41,9 @@ func (t *Tool) measure(args []string) int {
 			share = true
 		case "object":
 			t.objects = append(t.objects, o.arg)
-		case "l", "image-opts":
+		case "image-opts":
+			t.imageOpts = true
+		case "l":
 			return t.errorf("-%s is not supported by blockbackend img", o.name)
 		}
 	}

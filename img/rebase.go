@@ -41,7 +41,7 @@ func (t *Tool) rebase(args []string) int {
 		case "object":
 			t.objects = append(t.objects, o.arg)
 		case "image-opts":
-			return t.errorf("--%s is not supported by blockbackend img", o.name)
+			t.imageOpts = true
 		}
 	}
 	if quiet {

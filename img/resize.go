@@ -42,7 +42,7 @@ func (t *Tool) resize(args []string) int {
 		case "object":
 			t.objects = append(t.objects, o.arg)
 		case "image-opts":
-			return t.errorf("--%s is not supported by blockbackend img", o.name)
+			t.imageOpts = true
 		}
 	}
 	if len(ops) != 1 {
