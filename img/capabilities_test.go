@@ -375,3 +375,33 @@ func TestFakeConvertOverBacking(t *testing.T) {
 		t.Errorf("info:\n%s", r.stdout)
 	}
 }
+
+// TestFakeConvertBacking: convert -B copies only the source's top layer
+// and leaves the rest to the target's backing file.
+func TestFakeConvertBacking(t *testing.T) {
+	dir := t.TempDir()
+	p := func(n string) string { return filepath.Join(dir, n) }
+	const c = 64 << 10
+	mustRun(t, dir, "create", "-q", "-f", "fakefmt", "base.fk", "512k")
+	writeImage(t, p("base.fk"), "fakefmt", 0, pattern(1, 4*c))
+	mustRun(t, dir, "create", "-q", "-f", "fakefmt", "-b", "base.fk", "-F", "fakefmt", "top.fk")
+	writeImage(t, p("top.fk"), "fakefmt", c, pattern(2, c))
+	writeImage(t, p("top.fk"), "fakefmt", 2*c, make([]byte, c)) // zeros over the base's data
+	mustRun(t, dir, "convert", "-O", "fakefmt", "-B", "base.fk", "-F", "fakefmt", "top.fk", "out.fk")
+	if got, want := readImage(t, p("out.fk"), "fakefmt"), readImage(t, p("top.fk"), "fakefmt"); !bytes.Equal(got, want) {
+		t.Errorf("convert -B: data differs")
+	}
+	r := mustRun(t, dir, "map", "--output=json", "out.fk")
+	for _, want := range []string{
+		`{ "start": 0, "length": 65536, "depth": 1,`,
+		`{ "start": 65536, "length": 131072, "depth": 0,`,
+		`{ "start": 196608, "length": 65536, "depth": 1, "present": true,`,
+		`{ "start": 262144, "length": 262144, "depth": 1, "present": false,`,
+	} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("map after convert -B lacks %s:\n%s", want, r.stdout)
+		}
+	}
+	wantRun(t, dir, 1, "", "qemu-img: Use of backing file requires explicit backing format\n", "convert", "-O", "fakefmt", "-B", "base.fk", "top.fk", "o2.fk")
+	wantRun(t, dir, 1, "", "qemu-img: Backing file not supported for file format 'raw'\n", "convert", "-O", "raw", "-B", "base.fk", "-F", "fakefmt", "top.fk", "o3.raw")
+}

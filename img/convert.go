@@ -31,6 +31,10 @@ type convertJob struct {
 	cluster  int64
 	sparse   int64 // -S; 0: write everything
 	zeroInit bool  // the target reads as zeros already
+	// targetBacking: the target has a backing file, which holds what the
+	// source's own backing chain holds: only the source's top layer is
+	// copied.
+	targetBacking bool
 	parallel int
 	ordered  bool // without -W writes happen in order
 	prog     *progress
@@ -39,13 +43,13 @@ type convertJob struct {
 
 func (t *Tool) convert(args []string) int {
 	opts, ops, ok := t.getopt(args, optSpec{
-		short: "hf:O:B:Cco:l:S:pt:T:qnm:WrU",
+		short: "hf:O:B:F:Cco:l:S:pt:T:qnm:WrU",
 		long:  []string{"help", "object=", "image-opts", "target-image-opts", "salvage", "target-is-zero", "bitmaps", "force-share"},
 	})
 	if !ok {
 		return 1
 	}
-	srcFmt, dstFmt := "", ""
+	srcFmt, dstFmt, backing, backingFmt := "", "", "", ""
 	var optStrs []string
 	compress, prog, quiet, noCreate, ordered, share, targetZero := false, false, false, false, true, false, false
 	sparse := int64(defaultSparse)
@@ -104,7 +108,11 @@ func (t *Tool) convert(args []string) int {
 			t.objects = append(t.objects, o.arg)
 		case "image-opts":
 			t.imageOpts = true
-		case "C", "B", "l", "r", "salvage", "bitmaps", "target-image-opts":
+		case "B":
+			backing = o.arg
+		case "F":
+			backingFmt = o.arg
+		case "C", "l", "r", "salvage", "bitmaps", "target-image-opts":
 			return t.errorf("option %s is not supported by blockbackend img", o.name)
 		}
 	}
@@ -124,10 +132,19 @@ func (t *Tool) convert(args []string) int {
 	if targetZero && !noCreate {
 		return t.errorf("--target-is-zero requires use of -n flag")
 	}
+	srcNames, dstName := ops[:len(ops)-1], ops[len(ops)-1]
+	if backing != "" && len(srcNames) > 1 {
+		return t.errorf("Having a backing file for the target makes no sense when concatenating multiple input images")
+	}
+	if backing != "" && backingFmt == "" {
+		return t.errorf("Use of backing file requires explicit backing format")
+	}
+	if backing != "" && noCreate {
+		return t.errorf("-B makes no sense when not creating the target (-n)")
+	}
 	if graph.Lookup(dstFmt) == nil {
 		return t.errorf("Unknown file format '%s'", dstFmt)
 	}
-	srcNames, dstName := ops[:len(ops)-1], ops[len(ops)-1]
 	j := &convertJob{t: t, sparse: sparse, parallel: parallel, ordered: ordered}
 	for _, name := range srcNames {
 		im, err := t.open(name, openFlags{format: srcFmt, forceShare: share, exclusive: true})
@@ -143,7 +160,7 @@ func (t *Tool) convert(args []string) int {
 	if !noCreate {
 		if err := t.createImage(createReq{
 			filename: dstName, format: dstFmt, size: j.total, opts: parseOptList(optStr),
-			quiet: true, noFormattingOutput: true,
+			backing: backing, backingFmt: backingFmt, quiet: true, noFormattingOutput: true,
 		}); err != nil {
 			var oe optionError
 			if errors.As(err, &oe) {
@@ -181,8 +198,10 @@ func (t *Tool) convert(args []string) int {
 		return t.errorf("output file is smaller than input file")
 	}
 	// A new image reads as zeros, unless it was given a backing file
-	// (-o backing_file): then what it does not allocate comes from there.
-	j.zeroInit = created && dst.node.Child("backing") == nil || targetZero
+	// (-B, -o backing_file): then what it does not allocate comes from
+	// there, and what the source does not allocate itself is left to it.
+	j.targetBacking = dst.node.Child("backing") != nil
+	j.zeroInit = created && !j.targetBacking || targetZero
 	j.prog = newProgress(t.Stdout, prog)
 	if err := j.run(); err != nil {
 		j.prog.end()
@@ -340,11 +359,11 @@ func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
 		if j.cw != nil {
 			// Whole clusters, whatever the sources' runs.
 			n := min(unit, j.total-off)
-			zero, err := j.allZeroStatus(ctx, off, n)
+			zero, below, err := j.clusterStatus(ctx, off, n)
 			if err != nil {
 				return err
 			}
-			if zero && j.zeroInit {
+			if zero && j.zeroInit || below && j.targetBacking {
 				j.progress(n)
 			} else if err := emit(task{off: off, len: n, zero: zero}); err != nil {
 				return err
@@ -361,7 +380,7 @@ func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
 			n = min(unit, j.total-off)
 		}
 		zero := e.zero
-		if zero && j.zeroInit && j.sparse > 0 {
+		if zero && j.zeroInit && j.sparse > 0 || j.targetBacking && (e.depth > 0 || !e.present) {
 			j.progress(n)
 		} else if err := emit(task{off: off, len: n, zero: zero}); err != nil {
 			return err
@@ -371,23 +390,23 @@ func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
 	return nil
 }
 
-// allZeroStatus reports whether block status says [off, off+n) reads as
-// zeros.
-func (j *convertJob) allZeroStatus(ctx context.Context, off, n int64) (bool, error) {
+// clusterStatus reports whether block status says [off, off+n) reads
+// as zeros, and whether none of it is allocated in the source's top layer.
+func (j *convertJob) clusterStatus(ctx context.Context, off, n int64) (zero, below bool, err error) {
+	zero, below = true, true
 	for end := off + n; off < end; {
 		e, err := j.status(ctx, off, end-off)
 		if err != nil {
-			return false, fmt.Errorf("error while reading block status at offset %d: %s", off, errnoText(err))
+			return false, false, fmt.Errorf("error while reading block status at offset %d: %s", off, errnoText(err))
 		}
 		if e.length <= 0 {
-			return true, nil
+			break
 		}
-		if !e.zero {
-			return false, nil
-		}
+		zero = zero && e.zero
+		below = below && (e.depth > 0 || !e.present)
 		off += e.length
 	}
-	return true, nil
+	return zero, below, nil
 }
 
 func (j *convertJob) progress(n int64) {

@@ -182,7 +182,7 @@ func (t *Tool) createImage(r createReq) error {
 	}
 	if r.backing != "" {
 		if !main.has("backing-file") {
-			return fmt.Errorf("Backing file not supported for file format '%s'", r.format)
+			return optionError{fmt.Errorf("Backing file not supported for file format '%s'", r.format)}
 		}
 		items = append(items, kv{"backing_file", r.backing})
 		given["backing_file"] = r.backing
