@@ -148,6 +148,8 @@ func TestFakeCreateInfoMap(t *testing.T) {
 		t.Errorf("convert of a chain: wrong data")
 	}
 	wantRun(t, dir, 0, "Images are identical.\n", "", "compare", "-f", "fakefmt", "-F", "raw", "top.fk", "flat.raw")
+	// -f is the first image's format only; the second is probed.
+	wantRun(t, dir, 0, "Images are identical.\n", "", "compare", "-f", "raw", "flat.raw", "top.fk")
 }
 
 func TestFakeCheck(t *testing.T) {

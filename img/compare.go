@@ -51,9 +51,6 @@ func (t *Tool) compare(args []string) int {
 	if len(ops) != 2 {
 		return t.usageErr("Expecting two image file names")
 	}
-	if fmt2 == "" {
-		fmt2 = fmt1
-	}
 	im1, err := t.open(ops[0], openFlags{format: fmt1, forceShare: share})
 	if err != nil {
 		t.errorf("%s", err)
