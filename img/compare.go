@@ -2,8 +2,6 @@ package img
 
 import (
 	"bytes"
-
-	"blockbackend/graph"
 )
 
 const compareChunk = 1 << 20
@@ -174,5 +172,3 @@ func firstNonZero(b []byte) int {
 	}
 	return -1
 }
-
-var _ = graph.StatusData

@@ -35,10 +35,10 @@ type convertJob struct {
 	// source's own backing chain holds: only the source's top layer is
 	// copied.
 	targetBacking bool
-	parallel int
-	ordered  bool // without -W writes happen in order
-	prog     *progress
-	done     atomic.Int64
+	parallel      int
+	ordered       bool // without -W writes happen in order
+	prog          *progress
+	done          atomic.Int64
 }
 
 func (t *Tool) convert(args []string) int {

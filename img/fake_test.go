@@ -38,7 +38,6 @@ type fakeState struct {
 	snapData    map[string][]byte
 	check       graph.CheckResult
 	checkErr    error
-	fixed       bool
 	compressed  int
 	lazy        bool
 	amendCalls  int

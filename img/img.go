@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"strings"
 	"syscall"
 
@@ -361,10 +360,4 @@ func sizeToStr(v int64) string {
 		i++
 	}
 	return fmt.Sprintf("%.3g %s", f, units[i]) // C's "%0.3g" prints the same
-}
-
-// fileExists reports whether a local path exists (for messages).
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
