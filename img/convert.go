@@ -211,7 +211,12 @@ func (t *Tool) convert(args []string) int {
 		j.prog.end()
 		return t.errorf("%s", errText(err))
 	}
-	j.prog.done()
+	if j.total == 0 {
+		j.prog.set(100) // nothing to copy: qemu-img shows 100% once
+		j.prog.end()
+	} else {
+		j.prog.done()
+	}
 	return 0
 }
 

@@ -261,6 +261,21 @@ func TestInteropConvertResize(t *testing.T) {
 	})
 }
 
+func TestInteropEmptyImage(t *testing.T) {
+	runScript(t, []step{
+		s("img", "create", "-f", "raw", "z0", "0"),
+		s("img", "info", "z0"),
+		s("img", "map", "z0"),
+		s("img", "map", "--output=json", "z0"),
+		s("img", "convert", "-p", "-O", "raw", "z0", "z1"),
+		s("img", "compare", "z0", "z1"),
+		s("img", "measure", "-O", "raw", "z0"),
+		s("img", "resize", "-f", "raw", "z0", "1k"),
+		// (qemu's file driver then allocates the first block, ours does
+		// not: info's actual-size differs, a file driver matter.)
+	})
+}
+
 func TestInteropNoCapability(t *testing.T) {
 	// raw has no snapshots, checks, amendment or backing files: the
 	// messages are qemu-img's for each missing capability.

@@ -64,6 +64,10 @@ func (t *Tool) mapCmd(args []string) int {
 		fmt.Fprintf(&out, "%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File")
 	}
 	var cur *extent
+	if end <= start {
+		// qemu-img reports an empty image as one empty, absent run.
+		cur = &extent{start: start}
+	}
 	first := true
 	flush := func() error {
 		if cur == nil {
