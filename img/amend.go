@@ -15,7 +15,7 @@ func (t *Tool) amend(args []string) int {
 	}
 	var format string
 	var optStrs []string
-	quiet, force := false, false
+	force := false
 	for _, o := range opts {
 		switch o.name {
 		case "h", "help":
@@ -24,8 +24,7 @@ func (t *Tool) amend(args []string) int {
 			optStrs = append(optStrs, o.arg)
 		case "f":
 			format = o.arg
-		case "q":
-			quiet = true
+		case "q": // amend prints nothing anyway
 		case "force":
 			force = true
 		case "t", "p":
@@ -46,7 +45,7 @@ func (t *Tool) amend(args []string) int {
 		return t.usageErr("Expecting one image file name")
 	}
 	filename := ops[0]
-	im, err := t.open(filename, openFlags{format: format, writable: !isHelpOpt(optStr), quiet: quiet})
+	im, err := t.open(filename, openFlags{format: format, writable: !isHelpOpt(optStr)})
 	if err != nil {
 		return t.errorf("%s", err)
 	}

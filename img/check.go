@@ -60,7 +60,7 @@ func (t *Tool) check(args []string) int {
 	if jsonOut {
 		quiet = false
 	}
-	im, err := t.open(filename, openFlags{format: format, writable: fix != 0, forceShare: share && fix == 0, quiet: quiet})
+	im, err := t.open(filename, openFlags{format: format, writable: fix != 0, forceShare: share && fix == 0})
 	if err != nil {
 		t.errorf("%s", err)
 		return checkIncomplete

@@ -177,7 +177,7 @@ func (t *Tool) convert(args []string) int {
 	case "unsafe":
 		extra["cache"] = map[string]any{"no-flush": true}
 	}
-	dst, err := t.openWith(dstName, openFlags{format: dstFmt, writable: true, quiet: true, plainName: true}, extra)
+	dst, err := t.openWith(dstName, openFlags{format: dstFmt, writable: true, plainName: true}, extra)
 	if err != nil {
 		return t.errorf("%s", err)
 	}

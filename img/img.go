@@ -206,7 +206,6 @@ type openFlags struct {
 	forceShare bool // -U
 	// noBacking opens without the backing chain (rebase -u, create -u).
 	noBacking bool
-	quiet     bool
 	// exclusive: nobody else may write (convert's sources).
 	exclusive bool
 	// resize: the size will change (resize).
@@ -231,7 +230,7 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 		return nil, err
 	}
 	o := graph.ImageOptions{Format: f.format, ReadOnly: !f.writable, ForceShare: f.forceShare && !f.writable}
-	if f.writable && !f.quiet {
+	if f.writable { // even with -q, as qemu-img
 		o.Warn = func(s string) { fmt.Fprintln(t.Stderr, s) }
 	}
 	extra := func(noBacking bool) map[string]any {
@@ -342,7 +341,7 @@ func (t *Tool) invalidSize() int {
 	return 1
 }
 
-// stdoutf prints unless quiet.
+// printf prints to stdout unless quiet.
 func (t *Tool) printf(quiet bool, format string, a ...any) {
 	if !quiet {
 		fmt.Fprintf(t.Stdout, format, a...)

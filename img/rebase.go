@@ -54,7 +54,7 @@ func (t *Tool) rebase(args []string) int {
 		return t.usageErr("Must specify backing file (-b) or use unsafe mode (-u)")
 	}
 	filename := ops[0]
-	im, err := t.open(filename, openFlags{format: format, writable: true, noBacking: unsafe, quiet: quiet})
+	im, err := t.open(filename, openFlags{format: format, writable: true, noBacking: unsafe})
 	if err != nil {
 		return t.errorf("%s", err)
 	}

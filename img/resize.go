@@ -62,7 +62,7 @@ func (t *Tool) resize(args []string) int {
 			"Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
 			"and exabytes, respectively.")
 	}
-	im, err := t.open(filename, openFlags{format: format, writable: true, quiet: quiet, resize: true})
+	im, err := t.open(filename, openFlags{format: format, writable: true, resize: true})
 	if err != nil {
 		return t.errorf("%s", err)
 	}

@@ -40,7 +40,7 @@ func (t *Tool) snapshot(args []string) int {
 	filename := ops[0]
 	// Without an action qemu-img opens the image for writing and does
 	// nothing.
-	im, err := t.open(filename, openFlags{writable: action != "l", forceShare: share && action == "l", quiet: quiet})
+	im, err := t.open(filename, openFlags{writable: action != "l", forceShare: share && action == "l"})
 	if err != nil {
 		return t.errorf("%s", err)
 	}
