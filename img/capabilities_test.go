@@ -248,8 +248,12 @@ func TestFakeAmend(t *testing.T) {
 	dir := t.TempDir()
 	mustRun(t, dir, "create", "-q", "-f", "fakefmt", "a.fk", "1M")
 	mustRun(t, dir, "amend", "-o", "lazy_refcounts=on", "a.fk")
-	if r := mustRun(t, dir, "info", "a.fk"); !strings.Contains(r.stdout, "lazy refcounts: true") {
+	if r := mustRun(t, dir, "info", "a.fk"); !strings.Contains(r.stdout, "lazy refcounts: true") ||
+		!strings.Contains(r.stdout, "cluster_size: 65536\ncleanly shut down: no\n") {
 		t.Errorf("amend lazy_refcounts:\n%s", r.stdout)
+	}
+	if r := mustRun(t, dir, "info", "--output=json", "a.fk"); !strings.Contains(r.stdout, `"dirty-flag": true`) {
+		t.Errorf("dirty flag:\n%s", r.stdout)
 	}
 	mustRun(t, dir, "amend", "-f", "fakefmt", "-o", "size=2M", "a.fk")
 	if r := mustRun(t, dir, "info", "a.fk"); !strings.Contains(r.stdout, "virtual size: 2 MiB (2097152 bytes)") {

@@ -338,6 +338,13 @@ func (n *fakeNode) Info() map[string]any {
 
 func (n *fakeNode) BackingFile() (string, string) { return n.hdr.backing, n.hdr.backingFmt }
 
+// Dirty: a lazy-refcounts image counts as not cleanly shut down.
+func (n *fakeNode) Dirty() bool {
+	n.st.mu.Lock()
+	defer n.st.mu.Unlock()
+	return n.st.lazy
+}
+
 func (n *fakeNode) ClusterSize() int64 { return fakeCluster }
 
 func (n *fakeNode) WriteCompressed(ctx context.Context, off int64, data []byte) error {
@@ -457,4 +464,5 @@ var (
 	_ graph.BlockStatuser    = (*fakeNode)(nil)
 	_ graph.Infoer           = (*fakeNode)(nil)
 	_ graph.BackingFiler     = (*fakeNode)(nil)
+	_ graph.DirtyReporter    = (*fakeNode)(nil)
 )

@@ -32,6 +32,9 @@ func (t *Tool) imageInfo(n *graph.Node, filename string) (map[string]any, []grap
 	if cs, ok := inst.(clusterSizer); ok && cs.ClusterSize() > 0 {
 		m["cluster-size"] = cs.ClusterSize()
 	}
+	if d, ok := inst.(graph.DirtyReporter); ok && d.Dirty() {
+		m["dirty-flag"] = true
+	}
 	if e, ok := inst.(interface{ Encrypted() bool }); ok && e.Encrypted() {
 		m["encrypted"] = true
 	}
