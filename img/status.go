@@ -42,6 +42,23 @@ func chainStatus(ctx context.Context, top *graph.Node, off, n int64) (extent, er
 				ext.File, ext.Offset = sub.File, sub.Offset
 			}
 		}
+		if ext.Status&graph.StatusRecurse == 0 && ext.Status&graph.StatusData != 0 && ext.Status&graph.StatusZero == 0 &&
+			ext.File != nil && ext.File != cur {
+			// Data stored at ext.Offset of a child that reads as zeros
+			// there (a preallocated cluster in a hole) reads as zeros:
+			// QEMU reports such runs as data and zero.
+			// Past the child's end it reads as zeros too.
+			if fsize := ext.File.SizeNow(); ext.Offset >= fsize {
+				ext.Status |= graph.StatusZero
+			} else {
+				sub, err := ext.File.BlockStatus(ctx, ext.Offset, min(n, fsize-ext.Offset))
+				if err != nil {
+					return extent{}, err
+				}
+				n = sub.Length
+				ext.Status |= sub.Status & graph.StatusZero
+			}
+		}
 		backing := cur.Child("backing")
 		if ext.Status&graph.StatusAllocated != 0 || backing == nil {
 			e := extent{
