@@ -43,6 +43,9 @@ type fakeState struct {
 	amendCalls  int
 	changeCalls int
 	dataFile    string // the data-file node's filename at creation
+	// compressedAt: clusters written compressed (block status then has
+	// no offset, as for qcow2's compressed clusters).
+	compressedAt map[int64]bool
 }
 
 var fakeStates = struct {
@@ -161,7 +164,7 @@ func fakeCreate(ctx context.Context, cc *graph.CreateContext, o any) error {
 	st.mu.Lock()
 	st.snaps, st.snapData, st.lazy = nil, map[string][]byte{}, opts.LazyRefcounts
 	st.check, st.checkErr, st.compressed, st.amendCalls, st.changeCalls = graph.CheckResult{}, nil, 0, 0, 0
-	st.dataFile = ""
+	st.dataFile, st.compressedAt = "", map[int64]bool{}
 	if opts.DataFile.Ref != "" {
 		dn, err := cc.LookupNode(opts.DataFile.Ref)
 		if err != nil {
@@ -314,6 +317,12 @@ func (n *fakeNode) BlockStatus(_ context.Context, off, length int64) (graph.Stat
 	for next := c + 1; next*fakeCluster < end && n.allocated(next) == alloc; next++ {
 		l = min(end, (next+1)*fakeCluster) - off
 	}
+	n.st.mu.Lock()
+	comp := n.st.compressedAt[c]
+	n.st.mu.Unlock()
+	if comp {
+		return graph.StatusExtent{Status: graph.StatusData | graph.StatusAllocated, Length: min(end, (c+1)*fakeCluster) - off}, nil
+	}
 	if alloc {
 		return graph.StatusExtent{Status: graph.StatusData | graph.StatusAllocated, Length: l, Offset: fakeHdr + off, File: n.file}, nil
 	}
@@ -350,6 +359,7 @@ func (n *fakeNode) ClusterSize() int64 { return fakeCluster }
 func (n *fakeNode) WriteCompressed(ctx context.Context, off int64, data []byte) error {
 	n.st.mu.Lock()
 	n.st.compressed++
+	n.st.compressedAt[off/fakeCluster] = true
 	n.st.mu.Unlock()
 	return n.WriteV(ctx, off, [][]byte{data}, 0)
 }

@@ -1,8 +1,8 @@
 package img
 
 import (
+	"bufio"
 	"fmt"
-	"strings"
 )
 
 func (t *Tool) mapCmd(args []string) int {
@@ -57,11 +57,14 @@ func (t *Tool) mapCmd(args []string) int {
 	if maxLen >= 0 && start+maxLen < end {
 		end = start + maxLen
 	}
-	var out strings.Builder
+	// Streamed, as qemu-img does: what was printed stays when a run
+	// cannot be shown.
+	out := bufio.NewWriter(t.Stdout)
+	defer out.Flush()
 	if jsonOut {
 		out.WriteString("[")
 	} else {
-		fmt.Fprintf(&out, "%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File")
+		fmt.Fprintf(out, "%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File")
 	}
 	var cur *extent
 	if end <= start {
@@ -78,10 +81,10 @@ func (t *Tool) mapCmd(args []string) int {
 				out.WriteString(",\n")
 			}
 			first = false
-			fmt.Fprintf(&out, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
+			fmt.Fprintf(out, `{ "start": %d, "length": %d, "depth": %d, "present": %t, "zero": %t, "data": %t`,
 				cur.start, cur.length, cur.depth, cur.present, cur.zero, cur.data)
 			if cur.hasOffset {
-				fmt.Fprintf(&out, `, "offset": %d`, cur.offset)
+				fmt.Fprintf(out, `, "offset": %d`, cur.offset)
 			}
 			out.WriteString("}")
 			return nil
@@ -90,19 +93,21 @@ func (t *Tool) mapCmd(args []string) int {
 			return fmt.Errorf("File contains external, encrypted or compressed clusters.")
 		}
 		if cur.data && !cur.zero {
-			fmt.Fprintf(&out, "%-16s%-16s%-16s%s\n", hexC(cur.start), hexC(cur.length), hexC(cur.offset), cur.file.Filename())
+			fmt.Fprintf(out, "%-16s%-16s%-16s%s\n", hexC(cur.start), hexC(cur.length), hexC(cur.offset), cur.file.Filename())
 		}
 		return nil
 	}
 	for off := start; off < end; {
 		e, err := chainStatus(t.Ctx, im.node, off, min(end-off, 1<<30))
 		if err != nil {
+			out.Flush()
 			return t.errorf("%s", errnoText(err))
 		}
 		if cur != nil && mergeable(cur, &e) {
 			cur.length += e.length
 		} else {
 			if err := flush(); err != nil {
+				out.Flush()
 				return t.errorf("%s", err)
 			}
 			cur = &e
@@ -110,12 +115,12 @@ func (t *Tool) mapCmd(args []string) int {
 		off += e.length
 	}
 	if err := flush(); err != nil {
+		out.Flush()
 		return t.errorf("%s", err)
 	}
 	if jsonOut {
 		out.WriteString("]\n")
 	}
-	fmt.Fprint(t.Stdout, out.String())
 	return 0
 }
 
