@@ -1,6 +1,7 @@
 package img
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"reflect"
@@ -100,17 +101,37 @@ func (t *Tool) printCreateHelp(fmtName, filename string) int {
 	if drv == nil {
 		return t.errorf("Unknown file format '%s'", fmtName)
 	}
-	if drv.NewCreateOptions == nil {
+	dc, ok := creatorOf(drv)
+	if !ok {
 		return t.errorf("Format driver '%s' does not support image creation", fmtName)
 	}
 	var protoOpts any
 	if !drv.Protocol {
-		if p, err := protocolFor(firstOr([]string{filename}, "")); err == nil && p.NewCreateOptions != nil {
-			protoOpts = p.NewCreateOptions()
+		if p, err := protocolFor(firstOr([]string{filename}, "")); err == nil {
+			if pc, ok := creatorOf(p); ok {
+				protoOpts = pc.newOpts()
+			}
 		}
 	}
-	writeOptHelp(t.Stdout, drv.NewCreateOptions(), protoOpts)
+	writeOptHelp(t.Stdout, dc.newOpts(), protoOpts)
 	return 0
+}
+
+// creator is how img makes images of a driver: its ImageCreate when it
+// has one (formats only qemu-img creates, such as raw), else its Create.
+type creator struct {
+	newOpts func() any
+	create  func(ctx context.Context, cc *graph.CreateContext, opts any) error
+}
+
+func creatorOf(d *graph.Driver) (creator, bool) {
+	if d.ImageCreate != nil && d.NewImageCreateOptions != nil {
+		return creator{d.NewImageCreateOptions, d.ImageCreate}, true
+	}
+	if d.Create != nil && d.NewCreateOptions != nil {
+		return creator{d.NewCreateOptions, d.Create}, true
+	}
+	return creator{}, false
 }
 
 // createReq is one image to create (img create, convert's target).
@@ -132,24 +153,26 @@ func (t *Tool) createImage(r createReq) error {
 	if drv == nil {
 		return fmt.Errorf("Unknown file format '%s'", r.format)
 	}
-	if drv.Create == nil || drv.NewCreateOptions == nil {
+	dc, ok := creatorOf(drv)
+	if !ok {
 		return fmt.Errorf("Format driver '%s' does not support image creation", r.format)
 	}
 	proto, err := protocolFor(r.filename)
 	if err != nil {
 		return err
 	}
-	if proto.Create == nil || proto.NewCreateOptions == nil {
+	pc, ok := creatorOf(proto)
+	if !ok {
 		return fmt.Errorf("Protocol driver '%s' does not support image creation", proto.Name)
 	}
 	var format, protoT *optTarget
 	if drv.Protocol {
 		// fmt=file (or another protocol): one struct takes everything.
-		proto = drv
-		protoT = newTarget(drv.NewCreateOptions())
+		pc = dc
+		protoT = newTarget(dc.newOpts())
 	} else {
-		format = newTarget(drv.NewCreateOptions())
-		protoT = newTarget(proto.NewCreateOptions())
+		format = newTarget(dc.newOpts())
+		protoT = newTarget(pc.newOpts())
 	}
 	main := format
 	if main == nil {
@@ -242,7 +265,7 @@ func (t *Tool) createImage(r createReq) error {
 	}
 	if other != nil {
 		// The protocol's options too, to check them and print them.
-		preview := newTarget(proto.NewCreateOptions())
+		preview := newTarget(pc.newOpts())
 		preview.tree = qapi.Clone(other.tree)
 		preview.set("filename", r.filename)
 		preview.set("size", "0")
@@ -271,11 +294,11 @@ func (t *Tool) createImage(r createReq) error {
 	if format != nil {
 		protoT.set("size", "0")
 	}
-	protoT.opts = proto.NewCreateOptions()
+	protoT.opts = pc.newOpts()
 	if err := qapi.Decode(protoT.tree, protoT.opts, qapi.Keyval); err != nil {
 		return err
 	}
-	if err := proto.Create(t.Ctx, cc, protoT.opts); err != nil {
+	if err := pc.create(t.Ctx, cc, protoT.opts); err != nil {
 		return err
 	}
 	if format == nil {
@@ -306,11 +329,11 @@ func (t *Tool) createImage(r createReq) error {
 		defer g.DetachUser(u)
 		format.tree[name] = node.Name()
 	}
-	format.opts = drv.NewCreateOptions()
+	format.opts = dc.newOpts()
 	if err := qapi.Decode(format.tree, format.opts, qapi.Keyval); err != nil {
 		return err
 	}
-	if err := drv.Create(t.Ctx, cc, format.opts); err != nil {
+	if err := dc.create(t.Ctx, cc, format.opts); err != nil {
 		return err
 	}
 	return pn.Flush(t.Ctx)
@@ -344,14 +367,15 @@ func (t *Tool) createAux(g *graph.Graph, cc *graph.CreateContext, filename strin
 	if err != nil {
 		return nil, nil, err
 	}
-	if proto.Create == nil || proto.NewCreateOptions == nil {
+	pc, ok := creatorOf(proto)
+	if !ok {
 		return nil, nil, fmt.Errorf("Protocol driver '%s' does not support image creation", proto.Name)
 	}
-	opts := proto.NewCreateOptions()
+	opts := pc.newOpts()
 	if err := qapi.Decode(map[string]any{"filename": filename, "size": "0"}, opts, qapi.Keyval); err != nil {
 		return nil, nil, err
 	}
-	if err := proto.Create(t.Ctx, cc, opts); err != nil {
+	if err := pc.create(t.Ctx, cc, opts); err != nil {
 		return nil, nil, err
 	}
 	n, err := g.OpenImage(t.Ctx, filename, graph.ImageOptions{Format: proto.Name})

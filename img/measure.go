@@ -64,7 +64,8 @@ func (t *Tool) measure(args []string) int {
 	if isHelpOpt(optStr) {
 		return t.printCreateHelp(outFmt, "")
 	}
-	if drv.Measure == nil || drv.NewCreateOptions == nil {
+	dc, ok := creatorOf(drv)
+	if drv.Measure == nil || !ok {
 		return t.errorf("Block driver '%s' does not support size measurement", outFmt)
 	}
 	var src *graph.Node
@@ -77,7 +78,7 @@ func (t *Tool) measure(args []string) int {
 		src = im.node
 		size = src.SizeNow()
 	}
-	target := newTarget(drv.NewCreateOptions())
+	target := newTarget(dc.newOpts())
 	if err := route(parseOptList(optStr), target, nil); err != nil {
 		return t.errorf("%s", err)
 	}

@@ -14,10 +14,11 @@ type PreallocMode string
 // EnumValues lists the values qemu-img offers for raw.
 func (PreallocMode) EnumValues() []string { return []string{"off", "falloc", "full"} }
 
-// CreateOptions are raw's creation options: the protocol node to size,
-// the virtual size and the preallocation. (QEMU has no blockdev-create
-// for raw; qemu-img create -f raw sizes the protocol file, which is what
-// this does on the node named by file.)
+// CreateOptions are raw's creation options for img create: the protocol
+// node to size, the virtual size and the preallocation. (QEMU has no
+// blockdev-create for raw, hence graph.Driver's ImageCreate; qemu-img
+// create -f raw sizes the protocol file, which is what this does on the
+// node named by file.)
 type CreateOptions struct {
 	File          graph.ChildRef `qapi:"file"`
 	Size          qapi.Size      `qapi:"size"`

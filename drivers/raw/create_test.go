@@ -49,11 +49,11 @@ func TestCreate(t *testing.T) {
 			t.Fatal(err)
 		}
 		raw := graph.Lookup("raw")
-		ro := raw.NewCreateOptions()
+		ro := raw.NewImageCreateOptions()
 		if err := qapi.Decode(map[string]any{"file": n.Name(), "size": c.size, "preallocation": c.prealloc}, ro, qapi.Keyval); err != nil {
 			t.Fatal(err)
 		}
-		if err := raw.Create(ctx, cc, ro); err != nil {
+		if err := raw.ImageCreate(ctx, cc, ro); err != nil {
 			t.Fatal(err)
 		}
 		g.DetachUser(u)
@@ -74,16 +74,22 @@ type user struct{}
 func (user) UserDesc() string { return "test" }
 
 func TestCreateRefusesMetadata(t *testing.T) {
-	ro := graph.Lookup("raw").NewCreateOptions()
+	ro := graph.Lookup("raw").NewImageCreateOptions()
 	err := qapi.Decode(map[string]any{"file": "n", "size": "1", "preallocation": "metadata"}, ro, qapi.Keyval)
 	if err == nil {
 		t.Fatal("preallocation=metadata accepted for raw")
 	}
 }
 
+func TestNoBlockdevCreate(t *testing.T) {
+	if d := graph.Lookup("raw"); d.Create != nil || d.NewCreateOptions != nil {
+		t.Error("raw offers blockdev-create, which QEMU 7.2 refuses")
+	}
+}
+
 func TestMeasure(t *testing.T) {
 	m := graph.Lookup("raw").Measure
-	res, err := m(context.Background(), graph.Lookup("raw").NewCreateOptions(), 1000, nil)
+	res, err := m(context.Background(), graph.Lookup("raw").NewImageCreateOptions(), 1000, nil)
 	if err != nil || res.Required != 1024 || res.FullyAllocated != 1024 || res.Bitmaps != -1 {
 		t.Errorf("measure 1000: %+v %v", res, err)
 	}

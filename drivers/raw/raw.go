@@ -26,12 +26,13 @@ type Options struct {
 
 func init() {
 	graph.Register(&graph.Driver{
-		Name:             "raw",
-		NewOptions:       func() any { return &Options{} },
-		Open:             open,
-		NewCreateOptions: func() any { return &CreateOptions{Preallocation: "off"} },
-		Create:           create,
-		Measure:          measure,
+		Name:       "raw",
+		NewOptions: func() any { return &Options{} },
+		Open:       open,
+		// qemu-img creates raw images; blockdev-create does not.
+		NewImageCreateOptions: func() any { return &CreateOptions{Preallocation: "off"} },
+		ImageCreate:           create,
+		Measure:               measure,
 		// Raw matches anything, with the lowest score: it is the fallback.
 		Probe: func([]byte, string) int { return 1 },
 	})
