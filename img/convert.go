@@ -13,6 +13,7 @@ import (
 )
 
 const (
+	statusSpan      = 1 << 30  // bytes asked of block status at once
 	convertChunk    = 2 << 20  // bytes per request
 	maxSparse       = 16 << 20 // qemu-img's limit for -S
 	defaultSparse   = 4096
@@ -376,21 +377,33 @@ func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
 			off += n
 			continue
 		}
-		e, err := j.status(ctx, off, min(unit, j.total-off))
+		// One status query for a long run (a query per request would
+		// cost a SEEK_DATA/SEEK_HOLE scan each on some file systems),
+		// then requests of at most unit bytes within it.
+		e, err := j.status(ctx, off, min(statusSpan, j.total-off))
 		if err != nil {
 			return fmt.Errorf("error while reading block status at offset %d: %s", off, errnoText(err))
 		}
-		n := e.length
-		if n <= 0 {
-			n = min(unit, j.total-off)
+		run := e.length
+		if run <= 0 {
+			run = min(unit, j.total-off)
 		}
 		zero := e.zero
 		if zero && j.zeroInit && j.sparse > 0 || j.targetBacking && (e.depth > 0 || !e.present) {
-			j.progress(n)
-		} else if err := emit(task{off: off, len: n, zero: zero}); err != nil {
-			return err
+			j.progress(run)
+			off += run
+			continue
 		}
-		off += n
+		for end := off + run; off < end && ctx.Err() == nil; {
+			n := min(unit, end-off)
+			if zero {
+				n = end - off // one write-zeroes request for the run
+			}
+			if err := emit(task{off: off, len: n, zero: zero}); err != nil {
+				return err
+			}
+			off += n
+		}
 	}
 	return nil
 }
@@ -423,11 +436,16 @@ func (j *convertJob) progress(n int64) {
 
 // do runs one task: read, then write in turn.
 func (j *convertJob) do(ctx context.Context, tk task, buf []byte, waitTurn func(int) bool, passTurn func()) error {
-	data := buf[:tk.len]
-	if tk.zero {
-		clear(data)
-	} else if err := j.readAt(ctx, data, tk.off); err != nil {
-		return err // fail() cancels, which releases the writers waiting for this turn
+	var data []byte
+	if !tk.zero || j.cw != nil {
+		// Zero tasks outside compression may be longer than buf; they
+		// need no data.
+		data = buf[:tk.len]
+		if tk.zero {
+			clear(data)
+		} else if err := j.readAt(ctx, data, tk.off); err != nil {
+			return err // fail() cancels, which releases the writers waiting for this turn
+		}
 	}
 	if !waitTurn(tk.seq) {
 		return nil
@@ -438,7 +456,11 @@ func (j *convertJob) do(ctx context.Context, tk task, buf []byte, waitTurn func(
 	case j.cw != nil:
 		err = j.writeCompressed(ctx, tk.off, data)
 	case tk.zero && j.sparse == 0:
-		err = j.dst.WriteAt(ctx, data, tk.off, 0)
+		// -S 0: the target is fully allocated, zeros written as data.
+		clear(buf)
+		for off, end := tk.off, tk.off+tk.len; off < end && err == nil; off += int64(len(buf)) {
+			err = j.dst.WriteAt(ctx, buf[:min(int64(len(buf)), end-off)], off, 0)
+		}
 	case tk.zero:
 		err = j.dst.WriteZeroes(ctx, tk.off, tk.len, graph.ZeroMayUnmap)
 	default:
