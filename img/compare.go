@@ -77,7 +77,9 @@ func (t *Tool) compare(args []string) int {
 	buf1, buf2 := make([]byte, compareChunk), make([]byte, compareChunk)
 	common := min(size1, size2)
 	for off := int64(0); off < common; {
-		e1, err := chainStatus(t.Ctx, n1, off, min(common-off, compareChunk))
+		// Block status for long runs (see convert's statusSpan), reads
+		// in chunks.
+		e1, err := chainStatus(t.Ctx, n1, off, min(common-off, statusSpan))
 		if err != nil {
 			return t.cmpFail(p, ops[0], err)
 		}
@@ -85,42 +87,46 @@ func (t *Tool) compare(args []string) int {
 		if err != nil {
 			return t.cmpFail(p, ops[1], err)
 		}
-		n := e2.length
+		run := e2.length
 		if strict && (e1.present != e2.present || e1.zero != e2.zero || e1.data != e2.data) {
 			p.end()
 			t.printf(quiet, "Strict mode: Offset %d block status mismatch!\n", off)
 			return cmpDiff
 		}
-		switch {
-		case e1.zero && e2.zero:
-		case e1.zero || e2.zero:
-			other, name := n2, ops[1]
-			if e2.zero {
-				other, name = n1, ops[0]
-			}
-			if err := other.ReadAt(t.Ctx, buf1[:n], off); err != nil {
-				return t.cmpFail(p, name, err)
-			}
-			if i := firstNonZero(buf1[:n]); i >= 0 {
-				return t.mismatch(p, quiet, off+int64(i))
-			}
-		default:
-			if err := n1.ReadAt(t.Ctx, buf1[:n], off); err != nil {
-				return t.cmpFail(p, ops[0], err)
-			}
-			if err := n2.ReadAt(t.Ctx, buf2[:n], off); err != nil {
-				return t.cmpFail(p, ops[1], err)
-			}
-			if !bytes.Equal(buf1[:n], buf2[:n]) {
-				i := 0
-				for buf1[i] == buf2[i] {
-					i++
+		for end := off + run; off < end; {
+			n := min(end-off, compareChunk)
+			switch {
+			case e1.zero && e2.zero:
+				n = end - off
+			case e1.zero || e2.zero:
+				other, name := n2, ops[1]
+				if e2.zero {
+					other, name = n1, ops[0]
 				}
-				return t.mismatch(p, quiet, off+int64(i))
+				if err := other.ReadAt(t.Ctx, buf1[:n], off); err != nil {
+					return t.cmpFail(p, name, err)
+				}
+				if i := firstNonZero(buf1[:n]); i >= 0 {
+					return t.mismatch(p, quiet, off+int64(i))
+				}
+			default:
+				if err := n1.ReadAt(t.Ctx, buf1[:n], off); err != nil {
+					return t.cmpFail(p, ops[0], err)
+				}
+				if err := n2.ReadAt(t.Ctx, buf2[:n], off); err != nil {
+					return t.cmpFail(p, ops[1], err)
+				}
+				if !bytes.Equal(buf1[:n], buf2[:n]) {
+					i := 0
+					for buf1[i] == buf2[i] {
+						i++
+					}
+					return t.mismatch(p, quiet, off+int64(i))
+				}
 			}
+			off += n
+			pct(off)
 		}
-		off += n
-		pct(off)
 	}
 	if size1 != size2 {
 		t.printf(quiet, "Warning: Image size mismatch!\n")
@@ -129,20 +135,25 @@ func (t *Tool) compare(args []string) int {
 			big, name = n2, ops[1]
 		}
 		for off := common; off < total; {
-			e, err := chainStatus(t.Ctx, big, off, min(total-off, compareChunk))
+			e, err := chainStatus(t.Ctx, big, off, min(total-off, statusSpan))
 			if err != nil {
 				return t.cmpFail(p, name, err)
 			}
-			if !e.zero {
-				if err := big.ReadAt(t.Ctx, buf1[:e.length], off); err != nil {
-					return t.cmpFail(p, name, err)
+			for end := off + e.length; off < end; {
+				n := min(end-off, compareChunk)
+				if e.zero {
+					n = end - off
+				} else {
+					if err := big.ReadAt(t.Ctx, buf1[:n], off); err != nil {
+						return t.cmpFail(p, name, err)
+					}
+					if i := firstNonZero(buf1[:n]); i >= 0 {
+						return t.mismatch(p, quiet, off+int64(i))
+					}
 				}
-				if i := firstNonZero(buf1[:e.length]); i >= 0 {
-					return t.mismatch(p, quiet, off+int64(i))
-				}
+				off += n
+				pct(off)
 			}
-			off += e.length
-			pct(off)
 		}
 	}
 	p.done()

@@ -117,45 +117,55 @@ func (t *Tool) rebaseCopy(top, newBacking *graph.Node, p *progress) error {
 	}
 	oldBuf, newBuf := make([]byte, rebaseChunk), make([]byte, rebaseChunk)
 	for off := int64(0); off < size; {
-		e, err := chainStatus(t.Ctx, top, off, min(size-off, rebaseChunk))
+		e, err := chainStatus(t.Ctx, top, off, min(size-off, statusSpan))
 		if err != nil {
 			return err
 		}
-		n := e.length
 		if e.depth == 0 && e.present {
-			off += n
+			off += e.length
 			continue
 		}
-		old := oldBuf[:n]
-		if err := top.ReadAt(t.Ctx, old, off); err != nil {
-			return err
-		}
-		nb := newBuf[:n]
-		clear(nb)
-		if off < newSize {
-			if err := newBacking.ReadAt(t.Ctx, nb[:min(n, newSize-off)], off); err != nil {
+		for end := off + e.length; off < end; {
+			n := min(end-off, rebaseChunk)
+			if err := t.rebaseChunk(top, newBacking, newSize, off, oldBuf[:n], newBuf[:n]); err != nil {
 				return err
 			}
+			off += n
+			p.set(float64(off) * 100 / float64(size))
 		}
-		// Copy sector by sector runs that differ.
-		const sector = 512
-		for i := int64(0); i < n; {
-			j := i
-			for j < n && !bytes.Equal(old[j:min(j+sector, n)], nb[j:min(j+sector, n)]) {
-				j += sector
-			}
-			j = min(j, n)
-			if j > i {
-				if err := top.WriteAt(t.Ctx, old[i:j], off+i, 0); err != nil {
-					return err
-				}
-				i = j
-				continue
-			}
-			i += sector
+	}
+	return nil
+}
+
+// rebaseChunk copies into top the sectors of [off, off+len(old)) where
+// what top reads now (through its old backing chain) differs from the new
+// backing file.
+func (t *Tool) rebaseChunk(top, newBacking *graph.Node, newSize, off int64, old, nb []byte) error {
+	n := int64(len(old))
+	if err := top.ReadAt(t.Ctx, old, off); err != nil {
+		return err
+	}
+	clear(nb)
+	if off < newSize {
+		if err := newBacking.ReadAt(t.Ctx, nb[:min(n, newSize-off)], off); err != nil {
+			return err
 		}
-		off += n
-		p.set(float64(off) * 100 / float64(size))
+	}
+	const sector = 512
+	for i := int64(0); i < n; {
+		j := i
+		for j < n && !bytes.Equal(old[j:min(j+sector, n)], nb[j:min(j+sector, n)]) {
+			j += sector
+		}
+		j = min(j, n)
+		if j > i {
+			if err := top.WriteAt(t.Ctx, old[i:j], off+i, 0); err != nil {
+				return err
+			}
+			i = j
+			continue
+		}
+		i += sector
 	}
 	return nil
 }
