@@ -180,13 +180,14 @@ func (t *Tool) createImage(r createReq) error {
 	}
 	given := map[string]string{}
 	var items []kv
+	sizeGiven := r.size >= 0 // the size operand; -o size may repeat (the last wins)
 	for _, it := range r.opts {
 		if it.key == "size" {
 			s, ok := parseSize(it.val)
 			if !ok {
 				return errors.New("Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.")
 			}
-			if r.size >= 0 {
+			if sizeGiven {
 				return errors.New("The image size must be specified only once")
 			}
 			r.size = s
