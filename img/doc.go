@@ -11,10 +11,17 @@
 //
 // Every image is opened with the daemon's own code: a graph.Graph, then
 // Graph.OpenImage (plain paths, "proto:" names and json:{...} filenames,
-// given or probed formats), images are made with the registered drivers'
-// Create, and everything format-specific comes only through the optional
-// capability interfaces of package graph (Infoer, BlockStatuser, Checker,
-// Snapshotter, Amender, BackingChanger, CompressedWriter, Driver.Measure).
+// given or probed formats) or Graph.OpenImageOptions (--image-opts), with
+// a user edge holding the permissions qemu-img's BlockBackend holds, so
+// image locks meet QEMU's. Images are made with the registered drivers'
+// Create (ImageCreate for formats only qemu-img creates): the protocol
+// driver makes the file, the format driver formats a node opened over it,
+// and -o options are decoded into whichever of the two create structs
+// has them (qemu-img's cluster_size is QAPI's cluster-size). Everything
+// format-specific comes only through the optional capability interfaces
+// of package graph (Infoer, BackingFiler, DirtyReporter, BlockStatuser,
+// Checker, Snapshotter, Amender, BackingChanger, CompressedWriter,
+// Driver.Measure, Driver.NewAmendOptions).
 // A format that lacks one gets qemu-img's message for that case. The
 // package never switches on a driver's name, so a format added later works
 // here at once.
@@ -24,7 +31,12 @@
 // json.go were observed from qemu-img 7.2's output; keys not seen there
 // come after, sorted.
 //
+// Files: img.go (dispatch, opening images, messages), getopt.go,
+// json.go (qemu-img's JSON and human dumps), createopts.go (-o), one file
+// per command, status.go (block status through a backing chain),
+// progress.go (-p).
+//
 // What it is not: no bench, bitmap, commit or dd subcommands, no
-// --target-image-opts, no convert -B/-l/-C/-r/--salvage/--bitmaps; -T and
-// -t other than convert's are accepted and ignored.
+// --target-image-opts, no convert -l/-C/-r/--salvage/--bitmaps; -T, and
+// -t other than convert's, are accepted and ignored.
 package img
