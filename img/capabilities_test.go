@@ -423,3 +423,33 @@ func TestFakeConvertBacking(t *testing.T) {
 	wantRun(t, dir, 1, "", "qemu-img: Use of backing file requires explicit backing format\n", "convert", "-O", "fakefmt", "-B", "base.fk", "top.fk", "o2.fk")
 	wantRun(t, dir, 1, "", "qemu-img: Backing file not supported for file format 'raw'\n", "convert", "-O", "raw", "-B", "base.fk", "-F", "fakefmt", "top.fk", "o3.raw")
 }
+
+// TestFakeConvertReadError: a source that fails to read stops the
+// conversion with qemu-img's message, whatever the parallelism, and
+// nothing hangs.
+func TestFakeConvertReadError(t *testing.T) {
+	dir := t.TempDir()
+	p := func(n string) string { return filepath.Join(dir, n) }
+	mustRun(t, dir, "create", "-q", "-f", "fakefmt", "src.fk", "16M")
+	for off := int64(0); off < 16<<20; off += 1 << 20 {
+		writeImage(t, p("src.fk"), "fakefmt", off, pattern(byte(off>>20)+1, 64<<10))
+	}
+	st := fakeStateFor(p("src.fk"))
+	st.mu.Lock()
+	st.failReadAt = 9 << 20
+	st.mu.Unlock()
+	for _, args := range [][]string{
+		{"convert", "-m", "1", "-O", "raw", "src.fk", "d1.raw"},
+		{"convert", "-m", "16", "-O", "raw", "src.fk", "d2.raw"},
+		{"convert", "-W", "-m", "16", "-O", "raw", "src.fk", "d3.raw"},
+		{"convert", "-c", "-m", "8", "-O", "fakefmt", "src.fk", "d4.fk"},
+	} {
+		// The byte is where the failed request starts.
+		r := runOurs(t, dir, args...)
+		if r.code != 1 || !regexp.MustCompile(`^qemu-img: error while reading at byte (9437184|8388608): fakefmt: reading cluster at 9437184: input/output error\n$`).MatchString(r.stderr) {
+			t.Errorf("%q: %+v", args, r)
+		}
+	}
+	wantRun(t, dir, 2, "", "qemu-img: Error while reading offset 9437184 of src.fk: fakefmt: reading cluster at 9437184: input/output error\n",
+		"compare", "src.fk", "src.fk")
+}

@@ -81,11 +81,11 @@ func (t *Tool) compare(args []string) int {
 		// in chunks.
 		e1, err := chainStatus(t.Ctx, n1, off, min(common-off, statusSpan))
 		if err != nil {
-			return t.cmpFail(p, ops[0], err)
+			return t.cmpFail(p, ops[0], off, err)
 		}
 		e2, err := chainStatus(t.Ctx, n2, off, e1.length)
 		if err != nil {
-			return t.cmpFail(p, ops[1], err)
+			return t.cmpFail(p, ops[1], off, err)
 		}
 		run := e2.length
 		if strict && (e1.present != e2.present || e1.zero != e2.zero || e1.data != e2.data) {
@@ -104,17 +104,17 @@ func (t *Tool) compare(args []string) int {
 					other, name = n1, ops[0]
 				}
 				if err := other.ReadAt(t.Ctx, buf1[:n], off); err != nil {
-					return t.cmpFail(p, name, err)
+					return t.cmpFail(p, name, off, err)
 				}
 				if i := firstNonZero(buf1[:n]); i >= 0 {
 					return t.mismatch(p, quiet, off+int64(i))
 				}
 			default:
 				if err := n1.ReadAt(t.Ctx, buf1[:n], off); err != nil {
-					return t.cmpFail(p, ops[0], err)
+					return t.cmpFail(p, ops[0], off, err)
 				}
 				if err := n2.ReadAt(t.Ctx, buf2[:n], off); err != nil {
-					return t.cmpFail(p, ops[1], err)
+					return t.cmpFail(p, ops[1], off, err)
 				}
 				if !bytes.Equal(buf1[:n], buf2[:n]) {
 					i := 0
@@ -137,7 +137,7 @@ func (t *Tool) compare(args []string) int {
 		for off := common; off < total; {
 			e, err := chainStatus(t.Ctx, big, off, min(total-off, statusSpan))
 			if err != nil {
-				return t.cmpFail(p, name, err)
+				return t.cmpFail(p, name, off, err)
 			}
 			for end := off + e.length; off < end; {
 				n := min(end-off, compareChunk)
@@ -145,7 +145,7 @@ func (t *Tool) compare(args []string) int {
 					n = end - off
 				} else {
 					if err := big.ReadAt(t.Ctx, buf1[:n], off); err != nil {
-						return t.cmpFail(p, name, err)
+						return t.cmpFail(p, name, off, err)
 					}
 					if i := firstNonZero(buf1[:n]); i >= 0 {
 						return t.mismatch(p, quiet, off+int64(i))
@@ -169,9 +169,9 @@ func (t *Tool) mismatch(p *progress, quiet bool, off int64) int {
 	return cmpDiff
 }
 
-func (t *Tool) cmpFail(p *progress, name string, err error) int {
+func (t *Tool) cmpFail(p *progress, name string, off int64, err error) int {
 	p.end()
-	t.errorf("Error while reading offset of %s: %s", name, errnoText(err))
+	t.errorf("Error while reading offset %d of %s: %s", off, name, errString(err))
 	return cmpError
 }
 

@@ -264,7 +264,7 @@ func (j *convertJob) readAt(ctx context.Context, buf []byte, off int64) error {
 			return nil
 		}
 		if err := j.srcs[i].ReadAt(ctx, buf[:n], local); err != nil {
-			return fmt.Errorf("error while reading at byte %d: %s", off, errnoText(err))
+			return fmt.Errorf("error while reading at byte %d: %s", off, errString(err))
 		}
 		buf, off = buf[n:], off+n
 	}
@@ -382,7 +382,7 @@ func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
 		// then requests of at most unit bytes within it.
 		e, err := j.status(ctx, off, min(statusSpan, j.total-off))
 		if err != nil {
-			return fmt.Errorf("error while reading block status at offset %d: %s", off, errnoText(err))
+			return fmt.Errorf("error while reading block status at offset %d: %s", off, errString(err))
 		}
 		run := e.length
 		if run <= 0 {
@@ -415,7 +415,7 @@ func (j *convertJob) clusterStatus(ctx context.Context, off, n int64) (zero, bel
 	for end := off + n; off < end; {
 		e, err := j.status(ctx, off, end-off)
 		if err != nil {
-			return false, false, fmt.Errorf("error while reading block status at offset %d: %s", off, errnoText(err))
+			return false, false, fmt.Errorf("error while reading block status at offset %d: %s", off, errString(err))
 		}
 		if e.length <= 0 {
 			break
@@ -470,7 +470,7 @@ func (j *convertJob) do(ctx context.Context, tk task, buf []byte, waitTurn func(
 		if strings.HasPrefix(err.Error(), "error while") {
 			return err
 		}
-		return fmt.Errorf("error while writing at byte %d: %s", tk.off, errnoText(err))
+		return fmt.Errorf("error while writing at byte %d: %s", tk.off, errString(err))
 	}
 	j.progress(tk.len)
 	return nil

@@ -43,6 +43,9 @@ type fakeState struct {
 	amendCalls  int
 	changeCalls int
 	dataFile    string // the data-file node's filename at creation
+	// failReadAt: reads of the cluster at this guest offset fail with
+	// EIO (-1: none).
+	failReadAt int64
 	// compressedAt: clusters written compressed (block status then has
 	// no offset, as for qcow2's compressed clusters).
 	compressedAt map[int64]bool
@@ -164,7 +167,7 @@ func fakeCreate(ctx context.Context, cc *graph.CreateContext, o any) error {
 	st.mu.Lock()
 	st.snaps, st.snapData, st.lazy = nil, map[string][]byte{}, opts.LazyRefcounts
 	st.check, st.checkErr, st.compressed, st.amendCalls, st.changeCalls = graph.CheckResult{}, nil, 0, 0, 0
-	st.dataFile, st.compressedAt = "", map[int64]bool{}
+	st.dataFile, st.compressedAt, st.failReadAt = "", map[int64]bool{}, -1
 	if opts.DataFile.Ref != "" {
 		dn, err := cc.LookupNode(opts.DataFile.Ref)
 		if err != nil {
@@ -263,6 +266,12 @@ func (n *fakeNode) readRange(ctx context.Context, off int64, p []byte) error {
 }
 
 func (n *fakeNode) ReadV(ctx context.Context, off int64, iov [][]byte) error {
+	n.st.mu.Lock()
+	fail := n.st.failReadAt
+	n.st.mu.Unlock()
+	if l := iovLen(iov); fail >= 0 && off <= fail && fail < off+l {
+		return fmt.Errorf("fakefmt: reading cluster at %d: %w", fail, syscall.EIO)
+	}
 	for _, b := range iov {
 		if err := n.readRange(ctx, off, b); err != nil {
 			return err
@@ -337,6 +346,14 @@ func (n *fakeNode) Truncate(ctx context.Context, size int64, _ bool, _ string) e
 		return err
 	}
 	return n.file.WriteAt(ctx, n.hdr.encode(), 0, 0)
+}
+
+func iovLen(iov [][]byte) int64 {
+	var l int64
+	for _, b := range iov {
+		l += int64(len(b))
+	}
+	return l
 }
 
 func (n *fakeNode) Info() map[string]any {
