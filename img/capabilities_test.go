@@ -446,10 +446,10 @@ func TestFakeConvertReadError(t *testing.T) {
 	} {
 		// The byte is where the failed request starts.
 		r := runOurs(t, dir, args...)
-		if r.code != 1 || !regexp.MustCompile(`^qemu-img: error while reading at byte (9437184|8388608): fakefmt: reading cluster at 9437184: input/output error\n$`).MatchString(r.stderr) {
+		if r.code != 1 || !regexp.MustCompile(`^qemu-img: error while reading at byte (9437184|8388608): Input/output error\n$`).MatchString(r.stderr) {
 			t.Errorf("%q: %+v", args, r)
 		}
 	}
-	wantRun(t, dir, 2, "", "qemu-img: Error while reading offset 9437184 of src.fk: fakefmt: reading cluster at 9437184: input/output error\n",
+	wantRun(t, dir, 4, "", "qemu-img: Error while reading offset 9437184 of src.fk: Input/output error\n",
 		"compare", "src.fk", "src.fk")
 }

@@ -8,9 +8,11 @@ const compareChunk = 1 << 20
 
 // Exit statuses of qemu-img compare.
 const (
-	cmpSame  = 0
-	cmpDiff  = 1
-	cmpError = 2
+	cmpSame      = 0
+	cmpDiff      = 1
+	cmpError     = 2 // opening an image, or another error
+	cmpStatusErr = 3 // block status failed
+	cmpReadErr   = 4 // reading data failed
 )
 
 func (t *Tool) compare(args []string) int {
@@ -81,11 +83,11 @@ func (t *Tool) compare(args []string) int {
 		// in chunks.
 		e1, err := chainStatus(t.Ctx, n1, off, min(common-off, statusSpan))
 		if err != nil {
-			return t.cmpFail(p, ops[0], off, err)
+			return t.cmpStatusFail(p, ops[0])
 		}
 		e2, err := chainStatus(t.Ctx, n2, off, e1.length)
 		if err != nil {
-			return t.cmpFail(p, ops[1], off, err)
+			return t.cmpStatusFail(p, ops[1])
 		}
 		run := e2.length
 		if strict && (e1.present != e2.present || e1.zero != e2.zero || e1.data != e2.data) {
@@ -137,7 +139,7 @@ func (t *Tool) compare(args []string) int {
 		for off := common; off < total; {
 			e, err := chainStatus(t.Ctx, big, off, min(total-off, statusSpan))
 			if err != nil {
-				return t.cmpFail(p, name, off, err)
+				return t.cmpStatusFail(p, name)
 			}
 			for end := off + e.length; off < end; {
 				n := min(end-off, compareChunk)
@@ -171,8 +173,14 @@ func (t *Tool) mismatch(p *progress, quiet bool, off int64) int {
 
 func (t *Tool) cmpFail(p *progress, name string, off int64, err error) int {
 	p.end()
-	t.errorf("Error while reading offset %d of %s: %s", off, name, errString(err))
-	return cmpError
+	t.errorf("Error while reading offset %d of %s: %s", off, name, ioErrString(err))
+	return cmpReadErr
+}
+
+func (t *Tool) cmpStatusFail(p *progress, name string) int {
+	p.end()
+	t.errorf("Sector allocation test failed for %s", name)
+	return cmpStatusErr
 }
 
 func firstNonZero(b []byte) int {

@@ -264,7 +264,7 @@ func (j *convertJob) readAt(ctx context.Context, buf []byte, off int64) error {
 			return nil
 		}
 		if err := j.srcs[i].ReadAt(ctx, buf[:n], local); err != nil {
-			return fmt.Errorf("error while reading at byte %d: %s", off, errString(err))
+			return fmt.Errorf("error while reading at byte %d: %s", off, ioErrString(err))
 		}
 		buf, off = buf[n:], off+n
 	}
@@ -470,7 +470,7 @@ func (j *convertJob) do(ctx context.Context, tk task, buf []byte, waitTurn func(
 		if strings.HasPrefix(err.Error(), "error while") {
 			return err
 		}
-		return fmt.Errorf("error while writing at byte %d: %s", tk.off, errString(err))
+		return fmt.Errorf("error while writing at byte %d: %s", tk.off, ioErrString(err))
 	}
 	j.progress(tk.len)
 	return nil

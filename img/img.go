@@ -176,6 +176,17 @@ func errString(err error) string {
 	return errText(err)
 }
 
+// ioErrString is an I/O error as qemu-img reports failed requests: the
+// strerror of its errno, when it has one (the driver's context is lost,
+// as in QEMU), else its text.
+func ioErrString(err error) string {
+	var en syscall.Errno
+	if errors.As(err, &en) {
+		return strerror(en)
+	}
+	return errText(err)
+}
+
 // strerror is glibc's wording (Go's texts are lower case).
 func strerror(en syscall.Errno) string {
 	s := en.Error()
