@@ -186,7 +186,7 @@ func TestFakeCheck(t *testing.T) {
 	wantRun(t, dir, 2, "\n2 errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n\n1 leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n", "",
 		"check", "c.fk")
 	r := runOurs(t, dir, "check", "--output=json", "c.fk")
-	if r.code != 2 || !strings.Contains(r.stdout, "\"check-errors\": 0,\n    \"leaks\": 1,\n    \"corruptions\": 2,\n") {
+	if r.code != 2 || !strings.Contains(r.stdout, "\"corruptions\": 2,\n    \"check-errors\": 0,\n    \"leaks\": 1,\n") {
 		t.Errorf("check json with errors: %+v", r)
 	}
 	set(graph.CheckResult{CheckErrors: 1}, nil)

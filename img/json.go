@@ -27,7 +27,7 @@ var keyOrders = [][]string{
 	// Qcow2BitmapInfo
 	{"flags", "name", "granularity"},
 	// ImageCheck (check --output=json)
-	{"image-end-offset", "total-clusters", "check-errors", "leaks", "corruptions",
+	{"image-end-offset", "total-clusters", "corruptions", "check-errors", "leaks",
 		"allocated-clusters", "leaks-fixed", "corruptions-fixed", "fragmented-clusters",
 		"compressed-clusters", "filename", "format"},
 	// BlockMeasureInfo
