@@ -42,7 +42,7 @@ func (t *Tool) amend(args []string) int {
 		return t.amendHelp(graph.Lookup(format), format)
 	}
 	if len(ops) != 1 {
-		return t.usageErr("Expecting one image file name")
+		return t.errorf("Expecting one image file name")
 	}
 	filename := ops[0]
 	im, err := t.open(filename, openFlags{format: format, writable: !isHelpOpt(optStr)})

@@ -105,15 +105,22 @@ func (t *Tool) printCreateHelp(fmtName, filename string) int {
 	if !ok {
 		return t.errorf("Format driver '%s' does not support image creation", fmtName)
 	}
+	// With a file name qemu-img adds the protocol's options; without one
+	// (convert, create with no name) it lists the format's alone.
 	var protoOpts any
-	if !drv.Protocol {
-		if p, err := protocolFor(firstOr([]string{filename}, "")); err == nil {
+	title := "Supported options:"
+	if filename == "" {
+		title = fmt.Sprintf("Supported %s options:", fmtName)
+	} else if !drv.Protocol {
+		if p, err := protocolFor(filename); err == nil {
 			if pc, ok := creatorOf(p); ok {
 				protoOpts = pc.newOpts()
 			}
 		}
 	}
-	writeOptHelp(t.Stdout, dc.newOpts(), protoOpts)
+	var b strings.Builder
+	writeOptHelp(&b, dc.newOpts(), protoOpts)
+	fmt.Fprint(t.Stdout, title+strings.TrimPrefix(b.String(), "Supported options:"))
 	return 0
 }
 

@@ -61,9 +61,6 @@ func (t *Tool) measure(args []string) int {
 		return t.errorf("Unknown file format '%s'", outFmt)
 	}
 	optStr := strings.Join(optStrs, ",")
-	if isHelpOpt(optStr) {
-		return t.printCreateHelp(outFmt, "")
-	}
 	dc, ok := creatorOf(drv)
 	if drv.Measure == nil || !ok {
 		return t.errorf("Block driver '%s' does not support size measurement", outFmt)
@@ -80,7 +77,9 @@ func (t *Tool) measure(args []string) int {
 	}
 	target := newTarget(dc.newOpts())
 	if err := route(parseOptList(optStr), target, nil); err != nil {
-		return t.errorf("%s", err)
+		// (measure has no -o help: "help" is an invalid parameter too)
+		t.errorf("%s", err)
+		return t.errorf("Invalid options for file format '%s'", outFmt)
 	}
 	if target.has("file") {
 		target.set("file", "")
