@@ -94,6 +94,14 @@ func TestFakeCreateInfoMap(t *testing.T) {
   nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
   size=<size>            - Virtual disk size
+`, "", "create", "-f", "fakefmt", "-o", "help", "x.fk")
+	wantRun(t, dir, 0, `Supported fakefmt options:
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  cluster_size=<size>    - qcow2 cluster size
+  data_file=<str>        - File name of an external data file
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  size=<size>            - Virtual disk size
 `, "", "create", "-f", "fakefmt", "-o", "help")
 
 	// A node-valued option is given as a file name: the file is made
@@ -373,7 +381,7 @@ func TestFakeMeasure(t *testing.T) {
 	mustRun(t, dir, "create", "-q", "-f", "raw", "src.raw", "1M")
 	writeImage(t, filepath.Join(dir, "src.raw"), "raw", 0, pattern(1, 1000))
 	wantRun(t, dir, 0, "required size: 69632\nfully allocated size: 1052672\nbitmaps size: 0\n", "", "measure", "-O", "fakefmt", "-f", "raw", "src.raw")
-	wantRun(t, dir, 1, "", "qemu-img: Invalid parameter 'bogus'\n", "measure", "-O", "fakefmt", "-o", "bogus=1", "--size", "1M")
+	wantRun(t, dir, 1, "", "qemu-img: Invalid parameter 'bogus'\nqemu-img: Invalid options for file format 'fakefmt'\n", "measure", "-O", "fakefmt", "-o", "bogus=1", "--size", "1M")
 }
 
 // TestFakeConvertOverBacking: a target created with a backing file does
