@@ -77,15 +77,16 @@ func (t *Tool) compare(args []string) int {
 		}
 	}
 	buf1, buf2 := make([]byte, compareChunk), make([]byte, compareChunk)
+	zc := newZeroCache()
 	common := min(size1, size2)
 	for off := int64(0); off < common; {
 		// Block status for long runs (see convert's statusSpan), reads
 		// in chunks.
-		e1, err := chainStatus(t.Ctx, n1, off, min(common-off, statusSpan))
+		e1, err := chainStatus(t.Ctx, n1, off, min(common-off, statusSpan), zc)
 		if err != nil {
 			return t.cmpStatusFail(p, ops[0])
 		}
-		e2, err := chainStatus(t.Ctx, n2, off, e1.length)
+		e2, err := chainStatus(t.Ctx, n2, off, e1.length, zc)
 		if err != nil {
 			return t.cmpStatusFail(p, ops[1])
 		}
@@ -137,7 +138,7 @@ func (t *Tool) compare(args []string) int {
 			big, name = n2, ops[1]
 		}
 		for off := common; off < total; {
-			e, err := chainStatus(t.Ctx, big, off, min(total-off, statusSpan))
+			e, err := chainStatus(t.Ctx, big, off, min(total-off, statusSpan), zc)
 			if err != nil {
 				return t.cmpStatusFail(p, name)
 			}

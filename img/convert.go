@@ -40,6 +40,7 @@ type convertJob struct {
 	ordered       bool // without -W writes happen in order
 	prog          *progress
 	done          atomic.Int64
+	zc            *zeroCache // what the sources' children said about long runs
 }
 
 func (t *Tool) convert(args []string) int {
@@ -146,7 +147,7 @@ func (t *Tool) convert(args []string) int {
 	if graph.Lookup(dstFmt) == nil {
 		return t.errorf("Unknown file format '%s'", dstFmt)
 	}
-	j := &convertJob{t: t, sparse: sparse, parallel: parallel, ordered: ordered}
+	j := &convertJob{t: t, sparse: sparse, parallel: parallel, ordered: ordered, zc: newZeroCache()}
 	for _, name := range srcNames {
 		im, err := t.open(name, openFlags{format: srcFmt, forceShare: share, exclusive: true})
 		if err != nil {
@@ -250,7 +251,7 @@ func (j *convertJob) status(ctx context.Context, off, n int64) (extent, error) {
 	if n <= 0 {
 		return extent{start: off, length: 0}, nil
 	}
-	return chainStatus(ctx, src, local, n)
+	return chainStatus(ctx, src, local, n, j.zc)
 }
 
 // readAt reads the concatenation.

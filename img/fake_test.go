@@ -101,7 +101,7 @@ func init() {
 			if src != nil {
 				size = src.SizeNow()
 				for off := int64(0); off < size; off += fakeCluster {
-					e, err := chainStatus(context.Background(), src, off, min(fakeCluster, size-off))
+					e, err := chainStatus(context.Background(), src, off, min(fakeCluster, size-off), nil)
 					if err != nil {
 						return graph.MeasureResult{}, err
 					}

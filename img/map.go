@@ -66,6 +66,7 @@ func (t *Tool) mapCmd(args []string) int {
 	} else {
 		fmt.Fprintf(out, "%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File")
 	}
+	zc := newZeroCache()
 	var cur *extent
 	if end <= start {
 		// qemu-img reports an empty image as one empty, absent run.
@@ -98,7 +99,7 @@ func (t *Tool) mapCmd(args []string) int {
 		return nil
 	}
 	for off := start; off < end; {
-		e, err := chainStatus(t.Ctx, im.node, off, min(end-off, 1<<30))
+		e, err := chainStatus(t.Ctx, im.node, off, min(end-off, 1<<30), zc)
 		if err != nil {
 			out.Flush()
 			return t.errorf("%s", errnoText(err))

@@ -117,7 +117,7 @@ func (t *Tool) rebaseCopy(top, newBacking *graph.Node, p *progress) error {
 	}
 	oldBuf, newBuf := make([]byte, rebaseChunk), make([]byte, rebaseChunk)
 	for off := int64(0); off < size; {
-		e, err := chainStatus(t.Ctx, top, off, min(size-off, statusSpan))
+		e, err := chainStatus(t.Ctx, top, off, min(size-off, statusSpan), nil) // top is written meanwhile
 		if err != nil {
 			return err
 		}

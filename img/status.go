@@ -2,6 +2,7 @@ package img
 
 import (
 	"context"
+	"sync"
 
 	"blockbackend/graph"
 )
@@ -21,7 +22,11 @@ type extent struct {
 // bytes) through the backing chain: the first layer that allocates it
 // decides, and its depth is counted. A run no layer allocates reads as
 // zeros.
-func chainStatus(ctx context.Context, top *graph.Node, off, n int64) (extent, error) {
+//
+// cache, when not nil, remembers what the children where data lives said
+// about long runs (see zeroCache); pass nil when the image is written
+// meanwhile.
+func chainStatus(ctx context.Context, top *graph.Node, off, n int64, cache *zeroCache) (extent, error) {
 	cur, depth := top, 0
 	for {
 		ext, err := cur.BlockStatus(ctx, off, n)
@@ -47,16 +52,13 @@ func chainStatus(ctx context.Context, top *graph.Node, off, n int64) (extent, er
 			// Data stored at ext.Offset of a child that reads as zeros
 			// there (a preallocated cluster in a hole) reads as zeros:
 			// QEMU reports such runs as data and zero.
-			// Past the child's end it reads as zeros too.
-			if fsize := ext.File.SizeNow(); ext.Offset >= fsize {
+			zero, length, err := cache.zeroAt(ctx, ext.File, ext.Offset, n)
+			if err != nil {
+				return extent{}, err
+			}
+			n = length
+			if zero {
 				ext.Status |= graph.StatusZero
-			} else {
-				sub, err := ext.File.BlockStatus(ctx, ext.Offset, min(n, fsize-ext.Offset))
-				if err != nil {
-					return extent{}, err
-				}
-				n = sub.Length
-				ext.Status |= sub.Status & graph.StatusZero
 			}
 		}
 		backing := cur.Child("backing")
@@ -84,4 +86,52 @@ func chainStatus(ctx context.Context, top *graph.Node, off, n int64) (extent, er
 		}
 		n = min(n, cur.SizeNow()-off)
 	}
+}
+
+// zeroCache remembers, per child node, the last run its block status
+// described, asked over the whole rest of the node: the data of a format
+// image usually lies in one long allocated run of its file, and asking
+// the file about each cluster separately would cost a SEEK_HOLE scan to
+// the end of that run each time (QEMU's file driver keeps such a cache
+// for the same reason). A nil *zeroCache asks every time.
+type zeroCache struct {
+	mu   sync.Mutex
+	runs map[*graph.Node]zeroRun
+}
+
+type zeroRun struct {
+	start, end int64
+	zero       bool
+}
+
+func newZeroCache() *zeroCache { return &zeroCache{runs: map[*graph.Node]zeroRun{}} }
+
+// zeroAt reports whether the run of node at off (at most n bytes) reads
+// as zeros, and its length. Past the node's end it reads as zeros.
+func (c *zeroCache) zeroAt(ctx context.Context, node *graph.Node, off, n int64) (bool, int64, error) {
+	size := node.SizeNow()
+	if off >= size {
+		return true, n, nil
+	}
+	if c == nil {
+		sub, err := node.BlockStatus(ctx, off, min(n, size-off))
+		if err != nil {
+			return false, 0, err
+		}
+		return sub.Status&graph.StatusZero != 0, sub.Length, nil
+	}
+	c.mu.Lock()
+	r, ok := c.runs[node]
+	c.mu.Unlock()
+	if !ok || off < r.start || off >= r.end {
+		sub, err := node.BlockStatus(ctx, off, size-off)
+		if err != nil {
+			return false, 0, err
+		}
+		r = zeroRun{off, off + sub.Length, sub.Status&graph.StatusZero != 0}
+		c.mu.Lock()
+		c.runs[node] = r
+		c.mu.Unlock()
+	}
+	return r.zero, min(n, r.end-off), nil
 }
