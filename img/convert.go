@@ -358,6 +358,15 @@ func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
 			return nil
 		}
 	}
+	var pend *task // the request being built from consecutive runs
+	flush := func() error {
+		if pend == nil {
+			return nil
+		}
+		tk := *pend
+		pend = nil
+		return emit(tk)
+	}
 	unit := int64(convertChunk)
 	if j.cw != nil {
 		unit = j.cluster * max(1, convertChunk/j.cluster)
@@ -391,22 +400,38 @@ func (j *convertJob) plan(ctx context.Context, tasks chan<- task) error {
 		}
 		zero := e.zero
 		if zero && j.zeroInit && j.sparse > 0 || j.targetBacking && (e.depth > 0 || !e.present) {
+			if err := flush(); err != nil {
+				return err
+			}
 			j.progress(run)
 			off += run
 			continue
 		}
+		// Runs of the same kind join into requests of up to unit bytes
+		// (formats answer block status a cluster or an L2 table at a
+		// time); zeros join without limit.
 		for end := off + run; off < end && ctx.Err() == nil; {
-			n := min(unit, end-off)
-			if zero {
-				n = end - off // one write-zeroes request for the run
+			if pend != nil && pend.zero == zero && pend.off+pend.len == off && (zero || pend.len < unit) {
+				n := end - off
+				if !zero {
+					n = min(n, unit-pend.len)
+				}
+				pend.len += n
+				off += n
+				continue
 			}
-			if err := emit(task{off: off, len: n, zero: zero}); err != nil {
+			if err := flush(); err != nil {
 				return err
 			}
+			n := end - off
+			if !zero {
+				n = min(n, unit)
+			}
+			pend = &task{off: off, len: n, zero: zero}
 			off += n
 		}
 	}
-	return nil
+	return flush()
 }
 
 // clusterStatus reports whether block status says [off, off+n) reads
