@@ -26,6 +26,10 @@ var keyOrders = [][]string{
 		"data-file-raw", "encrypt", "corrupt", "extended-l2"},
 	// Qcow2BitmapInfo
 	{"flags", "name", "granularity"},
+	// QCryptoBlockInfoLUKS
+	{"ivgen-alg", "hash-alg", "cipher-alg", "uuid", "cipher-mode", "slots", "payload-offset", "master-key-iters"},
+	// QCryptoBlockInfoLUKSSlot
+	{"active", "iters", "key-offset", "stripes"},
 	// ImageCheck (check --output=json)
 	{"image-end-offset", "total-clusters", "corruptions", "check-errors", "leaks",
 		"allocated-clusters", "leaks-fixed", "corruptions-fixed", "fragmented-clusters",

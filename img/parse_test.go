@@ -85,3 +85,34 @@ func TestWriteJSON(t *testing.T) {
 		t.Errorf("got\n%s", b.String())
 	}
 }
+
+// TestLUKSInfoOrder: the order qemu-img 7.2 prints a LUKS image's facts in.
+func TestLUKSInfoOrder(t *testing.T) {
+	var b bytes.Buffer
+	dumpHuman(&b, map[string]any{
+		"cipher-alg": "aes-256", "cipher-mode": "xts", "hash-alg": "sha256", "ivgen-alg": "plain64",
+		"master-key-iters": 11073, "payload-offset": 2068480, "uuid": "u",
+		"slots": []any{map[string]any{"active": true, "iters": 44521, "key-offset": 4096, "stripes": 4000},
+			map[string]any{"active": false, "key-offset": 262144}},
+	}, 1)
+	want := `    ivgen alg: plain64
+    hash alg: sha256
+    cipher alg: aes-256
+    uuid: u
+    cipher mode: xts
+    slots:
+        [0]:
+            active: true
+            iters: 44521
+            key offset: 4096
+            stripes: 4000
+        [1]:
+            active: false
+            key offset: 262144
+    payload offset: 2068480
+    master key iters: 11073
+`
+	if b.String() != want {
+		t.Errorf("got\n%s", b.String())
+	}
+}
