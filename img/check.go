@@ -98,9 +98,7 @@ func (t *Tool) check(args []string) int {
 		res = again
 	}
 	if jsonOut {
-		if t.imageOpts {
-			filename = im.node.Filename()
-		}
+		filename = im.fname
 		m := map[string]any{
 			"filename":     filename,
 			"format":       im.node.DriverName(),

@@ -199,9 +199,12 @@ func strerror(en syscall.Errno) string {
 // image is an open image: its graph, the top node and the user edge that
 // holds the permissions qemu-img's BlockBackend holds.
 type image struct {
-	g      *graph.Graph
-	node   *graph.Node
-	user   *graph.Child
+	g    *graph.Graph
+	node *graph.Node
+	user *graph.Child
+	// fname is the image's name as qemu-img shows it: the filename given,
+	// or for --image-opts the file's name when the options say no more
+	// than driver and file, else "json:{...}" of the options.
 	fname  string
 	closed bool
 }
@@ -257,12 +260,14 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 		}
 		return m
 	}
+	var optsGiven map[string]any // --image-opts, parsed
 	openIt := func() (*graph.Node, error) {
 		if t.imageOpts && !f.plainName {
 			m, err := keyval.Parse(filename, "")
 			if err != nil {
 				return nil, err
 			}
+			optsGiven = m
 			return g.OpenImageOptions(t.Ctx, m, qapi.Keyval, o)
 		}
 		return g.OpenImage(t.Ctx, filename, o)
@@ -298,7 +303,11 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 		g.Close()
 		return nil, fmt.Errorf("Could not open '%s': %s", filename, errText(err))
 	}
-	return &image{g: g, node: n, user: u, fname: filename}, nil
+	display := filename
+	if optsGiven != nil {
+		display = optionsName(optsGiven, n)
+	}
+	return &image{g: g, node: n, user: u, fname: display}, nil
 }
 
 func isUnexpected(err error, member string) bool {
@@ -370,4 +379,52 @@ func sizeToStr(v int64) string {
 		i++
 	}
 	return fmt.Sprintf("%.3g %s", f, units[i]) // C's "%0.3g" prints the same
+}
+
+// optionsName is how QEMU names an image opened from options: its file's
+// name when the options hold nothing but drivers and that file name, else
+// the options as a json: filename.
+func optionsName(m map[string]any, n *graph.Node) string {
+	full := qapi.Clone(m)
+	if f, ok := full["file"].(map[string]any); ok {
+		if _, has := f["driver"]; !has {
+			if c := n.Child("file"); c != nil {
+				f["driver"] = c.Node().DriverName()
+			}
+		}
+	}
+	// Options that do not change what the image reads (QEMU's weak
+	// options) do not make a json: name, and are left out of one.
+	strong := false
+	var prune func(m map[string]any, top bool)
+	prune = func(m map[string]any, top bool) {
+		for k, v := range m {
+			switch k {
+			case "read-only", "auto-read-only", "force-share", "cache", "discard", "detect-zeroes",
+				"node-name", "locking", "aio", "aio-max-batch":
+				delete(m, k)
+			case "driver":
+			case "filename":
+				if top {
+					strong = true // a format node named by file name
+				}
+			case "file":
+				if f, ok := v.(map[string]any); ok {
+					prune(f, false)
+					continue
+				}
+				strong = true
+			default:
+				strong = true
+			}
+		}
+	}
+	prune(full, true)
+	if _, isFormat := full["file"]; !isFormat {
+		strong = false // a protocol node alone: its file name
+	}
+	if !strong {
+		return n.Filename()
+	}
+	return "json:" + compactJSON(full)
 }

@@ -201,10 +201,7 @@ func (t *Tool) info(args []string) int {
 	defer im.close(t.Ctx)
 	var infos []map[string]any
 	var snapLists [][]graph.SnapshotInfo
-	n, fn := im.node, filename
-	if t.imageOpts {
-		fn = im.node.Filename() // the options name no single file; QEMU shows the node's
-	}
+	n, fn := im.node, im.fname
 	for n != nil {
 		m, snaps, err := t.imageInfo(n, fn)
 		if err != nil {

@@ -38,6 +38,8 @@ var keyOrders = [][]string{
 	{"bitmaps", "required", "fully-allocated"},
 	// ImageInfoSpecific
 	{"type", "data"},
+	// Block options in json: filenames
+	{"offset", "driver", "filename", "size", "file", "key-secret"},
 }
 
 func orderKeys(m map[string]any) []string {
@@ -237,4 +239,38 @@ func dumpItem(w io.Writer, ind, name string, v any, indent int) {
 	default:
 		fmt.Fprintf(w, "%s%s: %s\n", ind, name, scalar(nv, false))
 	}
+}
+
+// compactJSON is QEMU's one-line JSON (json: filenames): ", " and ": "
+// between members.
+func compactJSON(v any) string {
+	var sb strings.Builder
+	var enc func(v any)
+	enc = func(v any) {
+		switch x := normalize(v).(type) {
+		case map[string]any:
+			sb.WriteString("{")
+			for i, k := range orderKeys(x) {
+				if i > 0 {
+					sb.WriteString(", ")
+				}
+				sb.WriteString(quote(k) + ": ")
+				enc(x[k])
+			}
+			sb.WriteString("}")
+		case []any:
+			sb.WriteString("[")
+			for i, e := range x {
+				if i > 0 {
+					sb.WriteString(", ")
+				}
+				enc(e)
+			}
+			sb.WriteString("]")
+		default:
+			sb.WriteString(scalar(x, true))
+		}
+	}
+	enc(v)
+	return sb.String()
 }
