@@ -198,6 +198,18 @@ var optDescs = map[string]string{
 	"preallocation":          "Preallocation mode (allowed values: %s)",
 	"refcount_bits":          "Width of a reference count entry in bits",
 	"size":                   "Virtual disk size",
+	// LUKS keeps QAPI's dashes in qemu-img's names.
+	"cipher-alg":     "Name of encryption cipher algorithm",
+	"cipher-mode":    "Name of encryption cipher mode",
+	"hash-alg":       "Name of encryption hash algorithm",
+	"iter-time":      "Time to spend in PBKDF in milliseconds",
+	"ivgen-alg":      "Name of IV generator algorithm",
+	"ivgen-hash-alg": "Name of IV generator hash algorithm",
+	"key-secret":     "ID of the secret that provides the keyslot passphrase",
+	"keyslot":        "Select a single keyslot to modify explicitly",
+	"new-secret":     "New secret to set in the matching keyslots. Empty string to erase",
+	"old-secret":     "Select all keyslots that match this password",
+	"state":          "Select new state of affected keyslots (active/inactive)",
 }
 
 var (
@@ -251,6 +263,9 @@ func collectHelp(opts any, lines map[string]helpLine) {
 				name = imgName(m.Name)
 				if m.Name == "version" {
 					name = "compat"
+				}
+				if _, dashed := optDescs[m.Name]; dashed {
+					name = m.Name // an option qemu-img spells with dashes
 				}
 			}
 			if ft.Kind() == reflect.Struct && ft != sizeType && len(qapi.Members(ft)) > 0 && !qapi.HasRest(ft) {
