@@ -38,7 +38,7 @@ func (t *Tool) amend(args []string) int {
 	if optStr == "" {
 		return t.usageErr("Must specify options (-o)")
 	}
-	if isHelpOpt(optStr) && format != "" && len(ops) == 0 {
+	if isHelpOpt(optStr) && format != "" {
 		return t.amendHelp(graph.Lookup(format), format)
 	}
 	if len(ops) != 1 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -173,6 +174,24 @@ func (t *Tool) convert(args []string) int {
 		created = true
 	}
 	extra := map[string]any{}
+	if created {
+		// Create options the format also takes at open time (LUKS's
+		// key-secret, qcow2's encrypt.key-secret) open the new image,
+		// as qemu-img does.
+		if d := graph.Lookup(dstFmt); d != nil && !d.Protocol {
+			ot := newTarget(d.NewOptions())
+			for _, it := range parseOptList(optStr) {
+				q := qapiName(it.key)
+				top, _, _ := strings.Cut(q, ".")
+				// Only string-valued members: the image is opened in
+				// JSON mode, where "on" is no boolean.
+				if m, ok := member(ot.opts, top); ok && top != "file" && top != "backing" && !isChildRef(m.Type) && stringish(m.Type) {
+					ot.set(q, it.val)
+				}
+			}
+			extra = ot.tree
+		}
+	}
 	switch cache {
 	case "none", "directsync":
 		extra["cache"] = map[string]any{"direct": true}
@@ -567,4 +586,12 @@ func (j *convertJob) writeSparse(ctx context.Context, off int64, data []byte) er
 		}
 	}
 	return nil
+}
+
+// stringish reports whether a member takes a string (or a tree of them).
+func stringish(t reflect.Type) bool {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t.Kind() == reflect.String || t.Kind() == reflect.Map
 }
