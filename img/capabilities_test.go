@@ -90,6 +90,7 @@ func TestFakeCreateInfoMap(t *testing.T) {
   cluster_size=<size>    - qcow2 cluster size
   data_file=<str>        - File name of an external data file
   extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  key=<str>
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
@@ -100,6 +101,7 @@ func TestFakeCreateInfoMap(t *testing.T) {
   backing_fmt=<str>      - Image format of the base image
   cluster_size=<size>    - qcow2 cluster size
   data_file=<str>        - File name of an external data file
+  key=<str>
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   size=<size>            - Virtual disk size
 `, "", "create", "-f", "fakefmt", "-o", "help")
@@ -460,4 +462,15 @@ func TestFakeConvertReadError(t *testing.T) {
 	}
 	wantRun(t, dir, 4, "", "qemu-img: Error while reading offset 9437184 of src.fk: Input/output error\n",
 		"compare", "src.fk", "src.fk")
+}
+
+// TestFakeConvertOpenOptions: create options that the format also needs
+// at open time (LUKS's key-secret) open the new target.
+func TestFakeConvertOpenOptions(t *testing.T) {
+	dir := t.TempDir()
+	mustRun(t, dir, "create", "-q", "-f", "raw", "src.raw", "256k")
+	writeImage(t, filepath.Join(dir, "src.raw"), "raw", 0, pattern(5, 4096))
+	mustRun(t, dir, "convert", "-O", "fakefmt", "-o", "key=abc,lazy_refcounts=on", "src.raw", "k.fk")
+	wantRun(t, dir, 0, "Images are identical.\n", "", "compare", "--image-opts", "driver=raw,file.filename=src.raw", "driver=fakefmt,key=abc,file.filename=k.fk")
+	wantRun(t, dir, 1, "", "qemu-img: Could not open 'k.fk': fakefmt: wrong or missing key\n", "info", "k.fk")
 }

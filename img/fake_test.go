@@ -43,6 +43,7 @@ type fakeState struct {
 	amendCalls  int
 	changeCalls int
 	dataFile    string // the data-file node's filename at creation
+	key         string // the key the image was created with
 	// failReadAt: reads of the cluster at this guest offset fail with
 	// EIO (-1: none).
 	failReadAt int64
@@ -71,6 +72,9 @@ func fakeStateFor(name string) *fakeState {
 type fakeOptions struct {
 	File    graph.ChildRef  `qapi:"file"`
 	Backing *graph.ChildRef `qapi:"backing,optional"`
+	// Key must be the one the image was created with (like LUKS's
+	// key-secret, an option of both create and open).
+	Key string `qapi:"key,optional"`
 }
 
 type fakeCreateOptions struct {
@@ -81,6 +85,7 @@ type fakeCreateOptions struct {
 	ClusterSize   qapi.Size      `qapi:"cluster-size,optional"`
 	LazyRefcounts bool           `qapi:"lazy-refcounts,optional"`
 	DataFile      graph.ChildRef `qapi:"data-file,optional"`
+	Key           string         `qapi:"key,optional"`
 }
 
 type fakeAmendOptions struct {
@@ -167,7 +172,7 @@ func fakeCreate(ctx context.Context, cc *graph.CreateContext, o any) error {
 	st.mu.Lock()
 	st.snaps, st.snapData, st.lazy = nil, map[string][]byte{}, opts.LazyRefcounts
 	st.check, st.checkErr, st.compressed, st.amendCalls, st.changeCalls = graph.CheckResult{}, nil, 0, 0, 0
-	st.dataFile, st.compressedAt, st.failReadAt = "", map[int64]bool{}, -1
+	st.dataFile, st.compressedAt, st.failReadAt, st.key = "", map[int64]bool{}, -1, opts.Key
 	if opts.DataFile.Ref != "" {
 		dn, err := cc.LookupNode(opts.DataFile.Ref)
 		if err != nil {
@@ -206,6 +211,12 @@ func fakeOpen(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance
 		return nil, err
 	}
 	n := &fakeNode{file: c.Node(), hdr: h, st: fakeStateFor(c.Node().Filename())}
+	n.st.mu.Lock()
+	key := n.st.key
+	n.st.mu.Unlock()
+	if key != opts.Key {
+		return nil, errors.New("fakefmt: wrong or missing key")
+	}
 	ref := opts.Backing
 	if ref == nil && h.backing != "" {
 		path := h.backing
