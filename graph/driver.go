@@ -158,11 +158,18 @@ type Driver struct {
 	// NewCreateOptions and Create make a new image (blockdev-create, img create).
 	NewCreateOptions func() any
 	Create           func(ctx context.Context, cc *CreateContext, opts any) error
+	// NewImageCreateOptions and ImageCreate, when set, are how img create
+	// makes an image of this format instead of NewCreateOptions and
+	// Create: for formats that QEMU creates through qemu-img only (raw),
+	// which blockdev-create refuses. Their options follow the same rules.
+	NewImageCreateOptions func() any
+	ImageCreate           func(ctx context.Context, cc *CreateContext, opts any) error
 	// NewAmendOptions returns the options struct Amender.Amend takes
 	// (img amend -o); nil when the format has nothing to amend.
 	NewAmendOptions func() any
 	// Measure computes img measure's answer for an image of this format
-	// made with createOpts (its NewCreateOptions struct, without a file)
+	// made with createOpts (the struct of NewImageCreateOptions when set,
+	// else of NewCreateOptions; without a file)
 	// holding size bytes, or holding src's data when src is not nil.
 	Measure func(ctx context.Context, createOpts any, size int64, src *Node) (MeasureResult, error)
 	// Probe scores the first bytes of an image (0: not this format;
