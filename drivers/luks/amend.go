@@ -123,7 +123,7 @@ func (n *node) Amend(ctx context.Context, o any, force bool) error {
 				}
 			}
 			if len(erase) == 0 {
-				return qapi.Errorf(qapi.GenericError, "Didn't find any keyslots that match the given old password")
+				return qapi.Errorf(qapi.GenericError, "No keyslots match given (old) password for erase operation")
 			}
 		}
 		active := 0
@@ -133,7 +133,7 @@ func (n *node) Amend(ctx context.Context, o any, force bool) error {
 			}
 		}
 		if active == len(erase) && !force {
-			if len(erase) == 1 {
+			if opts.Keyslot != nil {
 				return qapi.Errorf(qapi.GenericError, "Attempt to erase the only active keyslot %d which will erase all the data in the image irreversibly - refusing operation", erase[0])
 			}
 			return qapi.Errorf(qapi.GenericError, "All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation")
