@@ -231,7 +231,7 @@ func (h *Header) Marshal() []byte {
 	copy(b[112:], h.MKDigest[:])
 	copy(b[112+digestSize:], h.MKDigestSalt[:])
 	be.PutUint32(b[112+digestSize+saltSize:], h.MKDigestIter)
-	copy(b[168:207], h.UUID)
+	copy(b[168:208], h.UUID)
 	for i, s := range h.Slots {
 		o := slotTableStart + i*slotEntrySize
 		state := uint32(slotInactive)
