@@ -80,20 +80,20 @@ func anf(s [16]uint8) sboxANF {
 // apply evaluates the S-box on 32 nibbles at once.
 func (s *sboxANF) apply(x *[4]uint32) {
 	var mono [16]uint32
-	mono[0] = ^uint32(0)
-	for m := 1; m < 16; m++ {
-		low := m & -m // one input bit of the monomial
-		mono[m] = mono[m^low] & x[bits.TrailingZeros(uint(low))]
+	x0, x1, x2, x3 := x[0], x[1], x[2], x[3]
+	x01 := x0 & x1
+	mono[0], mono[1], mono[2], mono[3] = ^uint32(0), x0, x1, x01
+	mono[4], mono[5], mono[6], mono[7] = x2, x0&x2, x1&x2, x01&x2
+	for m := 8; m < 16; m++ {
+		mono[m] = mono[m-8] & x3
 	}
-	var y [4]uint32
 	for b := 0; b < 4; b++ {
 		var v uint32
 		for _, m := range s[b] {
-			v ^= mono[m]
+			v ^= mono[m&15]
 		}
-		y[b] = v
+		x[b] = v
 	}
-	*x = y
 }
 
 func serpentLT(x *[4]uint32) {

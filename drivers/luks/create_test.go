@@ -2,6 +2,7 @@ package luks
 
 import (
 	"bytes"
+	"fmt"
 	"encoding/json"
 	"math/rand/v2"
 	"os"
@@ -34,7 +35,10 @@ func TestCreateOpensInQEMU(t *testing.T) {
 		{"cipher-alg": "cast5-128", "cipher-mode": "ctr", "hash-alg": "sha512"},
 		{"cipher-alg": "aes-128", "cipher-mode": "ecb", "preallocation": "full"},
 	} {
-		name := strings.ReplaceAll(strings.Trim(strings.ReplaceAll(strings.TrimPrefix(strings.TrimSpace(jsonStr(c)), "map"), " ", ","), "[]"), ":", "=")
+		name := "default"
+		if a, ok := c["cipher-alg"].(string); ok {
+			name = a + "-" + fmt.Sprint(c["cipher-mode"])
+		}
 		t.Run(name, func(t *testing.T) {
 			img := filepath.Join(dir, "img.luks")
 			raw := filepath.Join(dir, "img.raw")
