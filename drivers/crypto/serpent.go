@@ -18,7 +18,11 @@ import (
 // The S-boxes are applied bitsliced: bit j of the four words is one
 // 4-bit input (word 0 the least significant bit). Rather than hand-derived
 // gate sequences, each S-box's output bits are evaluated from their
-// algebraic normal form, computed at start-up from the paper's tables.
+// algebraic normal form, computed from the paper's tables: at start-up
+// for the key schedule (sboxANF.apply), and as straight-line code that
+// serpent_gen.go writes into serpent_sbox.go for the rounds.
+//
+//go:generate go run serpent_gen.go
 
 // serpentBlockSize is Serpent's block size in bytes.
 const serpentBlockSize = 16
@@ -198,14 +202,36 @@ func (c *serpentCipher) Encrypt(dst, src []byte) {
 		panic("crypto: serpent: input not full block")
 	}
 	x := load4(src)
-	for i := 0; i < 32; i++ {
-		xor4(&x, &c.k[i])
-		serpentFwd[i%8].apply(&x)
-		if i < 31 {
+	k := &c.k
+	for i := 0; i < 32; i += 8 {
+		xor4(&x, &k[i])
+		serpentS0(&x)
+		serpentLT(&x)
+		xor4(&x, &k[i+1])
+		serpentS1(&x)
+		serpentLT(&x)
+		xor4(&x, &k[i+2])
+		serpentS2(&x)
+		serpentLT(&x)
+		xor4(&x, &k[i+3])
+		serpentS3(&x)
+		serpentLT(&x)
+		xor4(&x, &k[i+4])
+		serpentS4(&x)
+		serpentLT(&x)
+		xor4(&x, &k[i+5])
+		serpentS5(&x)
+		serpentLT(&x)
+		xor4(&x, &k[i+6])
+		serpentS6(&x)
+		serpentLT(&x)
+		xor4(&x, &k[i+7])
+		serpentS7(&x)
+		if i < 24 {
 			serpentLT(&x)
 		}
 	}
-	xor4(&x, &c.k[32])
+	xor4(&x, &k[32])
 	store4(dst, x)
 }
 
@@ -214,13 +240,35 @@ func (c *serpentCipher) Decrypt(dst, src []byte) {
 		panic("crypto: serpent: input not full block")
 	}
 	x := load4(src)
-	xor4(&x, &c.k[32])
-	for i := 31; i >= 0; i-- {
-		if i < 31 {
+	k := &c.k
+	xor4(&x, &k[32])
+	for i := 24; i >= 0; i -= 8 {
+		if i < 24 {
 			serpentInvLT(&x)
 		}
-		serpentInv[i%8].apply(&x)
-		xor4(&x, &c.k[i])
+		serpentSInv7(&x)
+		xor4(&x, &k[i+7])
+		serpentInvLT(&x)
+		serpentSInv6(&x)
+		xor4(&x, &k[i+6])
+		serpentInvLT(&x)
+		serpentSInv5(&x)
+		xor4(&x, &k[i+5])
+		serpentInvLT(&x)
+		serpentSInv4(&x)
+		xor4(&x, &k[i+4])
+		serpentInvLT(&x)
+		serpentSInv3(&x)
+		xor4(&x, &k[i+3])
+		serpentInvLT(&x)
+		serpentSInv2(&x)
+		xor4(&x, &k[i+2])
+		serpentInvLT(&x)
+		serpentSInv1(&x)
+		xor4(&x, &k[i+1])
+		serpentInvLT(&x)
+		serpentSInv0(&x)
+		xor4(&x, &k[i])
 	}
 	store4(dst, x)
 }

@@ -42,7 +42,7 @@ func TestConformance(t *testing.T) {
 		}
 		return addOverMem(t, g)
 	}
-	drivertest.Run(t, drivertest.Config{Open: open, Reopen: reopen, Size: 4 << 20, Ops: 200})
+	drivertest.Run(t, drivertest.Config{Open: open, Reopen: reopen, Size: 2 << 20, Ops: 100})
 }
 
 func addOverMem(t *testing.T, g *graph.Graph) *graph.Node {
