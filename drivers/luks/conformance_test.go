@@ -1,6 +1,7 @@
 package luks
 
 import (
+	"os"
 	"testing"
 
 	"blockbackend/graph"
@@ -81,7 +82,40 @@ func TestResize(t *testing.T) {
 	if string(got) != string(data[:512<<10]) {
 		t.Fatal("data changed by resize")
 	}
-	if err := g.Resize(ctx, n, 1000); err == nil {
-		t.Fatal("a size that is not whole sectors was accepted")
+	// A size that is not whole sectors: the file ends mid-sector, the
+	// node shows the whole sector (as QEMU does), and a write there grows
+	// the file; qemu-img reads the same bytes.
+	if err := g.Resize(ctx, n, 1000); err != nil {
+		t.Fatal(err)
+	}
+	if n.SizeNow() != 1024 {
+		t.Fatalf("size %d after resize to 1000, want 1024 as QEMU", n.SizeNow())
+	}
+	tail := pattern(1024, 8)
+	if err := n.WriteAt(ctx, tail[100:], 100, 0); err != nil {
+		t.Fatal(err)
+	}
+	got = make([]byte, 1024)
+	if err := n.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if string(got[100:]) != string(tail[100:]) || string(got[:100]) != string(data[:100]) {
+		t.Fatal("read back after the partial-sector write differs")
+	}
+	if err := g.Delete(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	raw := img + ".raw"
+	args := append([]string{"convert"}, secretArgs()...)
+	args = append(args, "--image-opts", imageOpts(img), "-O", "raw", raw)
+	if out, err := qemuTool(t, "qemu-img", args...); err != nil {
+		t.Fatalf("qemu-img convert: %v\n%s", err, out)
+	}
+	want, err := os.ReadFile(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(want) != string(got) {
+		t.Fatalf("qemu-img reads %d bytes that differ from ours", len(want))
 	}
 }

@@ -141,7 +141,35 @@ func (n *node) Size() (int64, error) {
 	if s < 0 {
 		return 0, fmt.Errorf("LUKS payload offset %d beyond the end of the %d-byte file: %w", n.payload, n.file.SizeNow(), syscall.EIO)
 	}
-	return s &^ (sectorSize - 1), nil
+	// As QEMU: a partial last sector counts (reading as if the file
+	// went on with zeros).
+	return (s + sectorSize - 1) &^ (sectorSize - 1), nil
+}
+
+// readFile reads the payload bytes at off (from the payload's start); the
+// part of a partial last sector beyond the end of the file reads as
+// (encrypted) zeros.
+func (n *node) readFile(ctx context.Context, b []byte, off int64) error {
+	avail := n.file.SizeNow() - n.payload - off
+	if avail < int64(len(b)) {
+		clear(b[max(avail, 0):])
+		b = b[:max(avail, 0)]
+	}
+	if len(b) == 0 {
+		return nil
+	}
+	return n.file.ReadAt(ctx, b, n.payload+off)
+}
+
+// writeFile writes encrypted sectors, first growing the file to whole
+// sectors if the last one was partial.
+func (n *node) writeFile(ctx context.Context, b []byte, off int64, flags graph.WriteFlags) error {
+	if end := n.payload + off + int64(len(b)); end > n.file.SizeNow() {
+		if err := n.file.Truncate(ctx, end, false, "off"); err != nil {
+			return err
+		}
+	}
+	return n.file.WriteAt(ctx, b, n.payload+off, flags)
 }
 
 // chunk bounds the bounce buffer of one step of a large request.
@@ -163,7 +191,7 @@ func (n *node) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 		l := min(total-done, chunk)
 		end := (pos + l + sectorSize - 1) &^ (sectorSize - 1)
 		buf := (*bp)[:end-start]
-		if err := n.file.ReadAt(ctx, buf, n.payload+start); err != nil {
+		if err := n.readFile(ctx, buf, start); err != nil {
 			return err
 		}
 		if err := n.cipher.Decrypt(uint64(start/sectorSize), buf); err != nil {
@@ -252,7 +280,7 @@ func (n *node) writeChunk(ctx context.Context, buf []byte, start, pos, l int64, 
 	if err := n.cipher.Encrypt(uint64(start/sectorSize), buf); err != nil {
 		return err
 	}
-	return n.file.WriteAt(ctx, buf, n.payload+start, flags)
+	return n.writeFile(ctx, buf, start, flags)
 }
 
 func (n *node) rmwLock(off int64) *sync.Mutex {
@@ -260,7 +288,7 @@ func (n *node) rmwLock(off int64) *sync.Mutex {
 }
 
 func (n *node) readSector(ctx context.Context, b []byte, off int64) error {
-	if err := n.file.ReadAt(ctx, b, n.payload+off); err != nil {
+	if err := n.readFile(ctx, b, off); err != nil {
 		return err
 	}
 	return n.cipher.Decrypt(uint64(off/sectorSize), b)
@@ -268,12 +296,10 @@ func (n *node) readSector(ctx context.Context, b []byte, off int64) error {
 
 func (n *node) Flush(ctx context.Context) error { return n.file.Flush(ctx) }
 
-// Truncate resizes the payload; the new part reads as whatever the file
-// holds there decrypted, as in QEMU (zeros only where written).
+// Truncate resizes the payload to size bytes of file (the node's size is
+// that rounded up to whole sectors, as in QEMU); the new part reads as
+// whatever the file holds there decrypted, as in QEMU: not zeros.
 func (n *node) Truncate(ctx context.Context, size int64, exact bool, prealloc string) error {
-	if size%sectorSize != 0 {
-		return qapi.Errorf(qapi.GenericError, "The new size must be a multiple of %d", sectorSize)
-	}
 	return n.file.Truncate(ctx, n.payload+size, exact, prealloc)
 }
 
