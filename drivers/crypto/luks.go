@@ -474,8 +474,9 @@ func (h *Header) SetKeySlot(i int, mk, pass []byte, iterTime time.Duration, writ
 }
 
 // EraseKeySlot overwrites slot i's key material with random bytes and
-// marks it inactive in memory (the caller writes the header first, so
-// that a crash never leaves an active slot with garbage).
+// clears the slot's fields in memory. The caller first writes a header
+// that marks the slot inactive, so that a crash never leaves an active
+// slot pointing at garbage, and writes the header again afterwards.
 func (h *Header) EraseKeySlot(i int, write WriteFunc) error {
 	s := &h.Slots[i]
 	junk := make([]byte, materialSize(h.KeyBytes, max(s.Stripes, 1)))

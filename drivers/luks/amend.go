@@ -44,6 +44,20 @@ func (n *node) Amend(ctx context.Context, o any, force bool) error {
 	// has.
 	h := *n.hdr
 	read, write := readFunc(ctx, n.file), writeFunc(ctx, n.file)
+	if opts.Secret != "" {
+		// The secret that unlocks the volume: the master key is already
+		// known, but QEMU checks it, so do we.
+		pass, err := n.secretFor(opts.Secret)
+		if err != nil {
+			return err
+		}
+		mk, _, err := h.Unlock(read, pass)
+		clear(pass)
+		if err != nil {
+			return qapi.Errorf(qapi.GenericError, "%s", err.Error())
+		}
+		clear(mk)
+	}
 	switch opts.State {
 	case "active":
 		if opts.NewSecret == "" {

@@ -47,6 +47,7 @@ func TestAmendKeySlots(t *testing.T) {
 		{map[string]any{"state": "inactive", "keyslot": 5}, "Given keyslot 5 is already erased (inactive) "},
 		{map[string]any{"state": "inactive", "old-secret": "w"}, "No keyslots match given (old) password for erase operation"},
 		{map[string]any{"state": "inactive", "keyslot": 0}, "Attempt to erase the only active keyslot 0 which will erase all the data in the image irreversibly - refusing operation"},
+		{map[string]any{"state": "active", "new-secret": "n", "secret": "w"}, "Invalid password, cannot unlock any keyslot"},
 		{map[string]any{"state": "inactive", "old-secret": "s"}, "All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation"},
 	} {
 		if err := do(tc.opts, false); err == nil || err.Error() != tc.want {
@@ -54,7 +55,7 @@ func TestAmendKeySlots(t *testing.T) {
 		}
 	}
 	// Add "new secret" in slot 3, then erase slot 0 by its passphrase.
-	if err := do(map[string]any{"state": "active", "new-secret": "n", "keyslot": 3, "iter-time": 10}, false); err != nil {
+	if err := do(map[string]any{"state": "active", "new-secret": "n", "keyslot": 3, "iter-time": 10, "secret": "s"}, false); err != nil {
 		t.Fatal(err)
 	}
 	if err := do(map[string]any{"state": "inactive", "old-secret": "s"}, false); err != nil {

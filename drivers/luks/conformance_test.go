@@ -119,3 +119,32 @@ func TestResize(t *testing.T) {
 		t.Fatalf("qemu-img reads %d bytes that differ from ours", len(want))
 	}
 }
+
+// TestReopenReadOnly: blockdev-reopen switches read-only both ways.
+func TestReopenReadOnly(t *testing.T) {
+	g := newGraph(t)
+	img := t.TempDir() + "/r.luks"
+	createLUKS(t, g, img, 1<<20, nil)
+	if _, err := g.Add(ctx, map[string]any{"driver": "file", "filename": img, "node-name": "f"}, qapi.JSON); err != nil {
+		t.Fatal(err)
+	}
+	n, err := g.Add(ctx, map[string]any{"driver": "luks", "file": "f", "key-secret": "s", "node-name": "l"}, qapi.JSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reopen := func(ro bool) {
+		t.Helper()
+		err := g.Reopen(ctx, []map[string]any{{"driver": "luks", "node-name": "l", "file": "f", "key-secret": "s", "read-only": ro}}, qapi.JSON)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	reopen(true)
+	if err := n.WriteAt(ctx, make([]byte, 512), 0, 0); err == nil {
+		t.Fatal("write to a node reopened read-only")
+	}
+	reopen(false)
+	if err := n.WriteAt(ctx, make([]byte, 512), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+}
