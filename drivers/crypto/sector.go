@@ -5,8 +5,6 @@ import (
 	"crypto/subtle"
 	"encoding/binary"
 	"fmt"
-
-	"golang.org/x/crypto/xts"
 )
 
 // SectorCipher encrypts and decrypts whole sectors with a block cipher,
@@ -21,7 +19,6 @@ type SectorCipher struct {
 	bs         int          // the cipher's block size
 	block      cipher.Block // the data cipher (xts: the first key half)
 	tweak      cipher.Block // xts: the second key half
-	xts        *xts.Cipher  // xts with plain/plain64 IVs
 	essiv      cipher.Block // essiv: the cipher keyed with hash(key)
 }
 
@@ -54,9 +51,6 @@ func NewSectorCipher(alg CipherAlg, mode CipherMode, ivgen IVGenAlg, ivHash Hash
 		}
 		if c.block, err = fam.new(key[:ks]); err == nil {
 			c.tweak, err = fam.new(key[ks:])
-		}
-		if err == nil && ivgen != IVEssiv {
-			c.xts, err = xts.NewCipher(fam.new, key)
 		}
 	default:
 		return nil, &UnsupportedError{fmt.Sprintf("Cipher mode '%s' not supported", mode)}
@@ -133,20 +127,12 @@ func (c *SectorCipher) crypt(sector uint64, buf []byte, enc bool) error {
 	}
 	var ivb [16]byte
 	iv := ivb[:c.bs]
+	var xs *xtsScratch
+	if c.mode == ModeXTS {
+		xs = c.newXTSScratch(enc)
+	}
 	for ; len(buf) > 0; buf, sector = buf[c.sectorSize:], sector+1 {
 		s := buf[:c.sectorSize]
-		if c.xts != nil {
-			n := sector
-			if c.ivgen == IVPlain {
-				n = uint64(uint32(n))
-			}
-			if enc {
-				c.xts.Encrypt(s, s, n)
-			} else {
-				c.xts.Decrypt(s, s, n)
-			}
-			continue
-		}
 		if c.mode != ModeECB {
 			c.iv(sector, iv)
 		}
@@ -168,7 +154,7 @@ func (c *SectorCipher) crypt(sector uint64, buf []byte, enc bool) error {
 		case ModeCTR:
 			ctrXOR(c.block, iv, s)
 		case ModeXTS:
-			xtsTweak(c.block, c.tweak, iv, s, enc)
+			xs.crypt(c.block, c.tweak, iv, s, enc)
 		}
 	}
 	return nil
@@ -218,29 +204,66 @@ func ctrXOR(b cipher.Block, iv, s []byte) {
 	}
 }
 
-// xtsTweak is XTS (IEEE 1619) with an arbitrary 16-byte IV as the tweak
-// input, for IV generators that x/crypto/xts's sector number cannot
-// express (essiv). The sector is a whole number of blocks, so there is no
-// ciphertext stealing.
-func xtsTweak(data, tweakKey cipher.Block, iv, s []byte, enc bool) {
+// XTS (IEEE 1619) on whole sectors, with the IV (plain, plain64 or essiv)
+// as the tweak input. The sector is a whole number of blocks, so there is
+// no ciphertext stealing. The tweaks of a sector are computed first, so
+// that the XORs run over the whole sector at once, and decryption uses the
+// block cipher's CBC decrypter (pipelined in assembly for AES) for the
+// bulk decryption: CBC-decrypting blocks x_0..x_n with a zero IV gives
+// D(x_j) XOR x_{j-1}, and the x_{j-1} XOR is undone afterwards.
+type xtsScratch struct {
+	tw, saved []byte
+	cbc       cipher.BlockMode // decryption only
+	setIV     func([]byte)
+	zero      [16]byte
+}
+
+func (c *SectorCipher) newXTSScratch(enc bool) *xtsScratch {
+	x := &xtsScratch{tw: make([]byte, c.sectorSize)}
+	if !enc {
+		x.saved = make([]byte, c.sectorSize)
+		x.cbc = cipher.NewCBCDecrypter(c.block, x.zero[:])
+		if s, ok := x.cbc.(interface{ SetIV([]byte) }); ok {
+			x.setIV = s.SetIV
+		}
+	}
+	return x
+}
+
+func (x *xtsScratch) crypt(data, tweakKey cipher.Block, iv, s []byte, enc bool) {
 	var t [16]byte
 	tweakKey.Encrypt(t[:], iv)
-	for i := 0; i < len(s); i += 16 {
-		blk := s[i : i+16]
-		subtle.XORBytes(blk, blk, t[:])
-		if enc {
-			data.Encrypt(blk, blk)
-		} else {
-			data.Decrypt(blk, blk)
-		}
-		subtle.XORBytes(blk, blk, t[:])
+	lo := binary.LittleEndian.Uint64(t[:8])
+	hi := binary.LittleEndian.Uint64(t[8:])
+	tw := x.tw[:len(s)]
+	for i := 0; i < len(tw); i += 16 {
+		binary.LittleEndian.PutUint64(tw[i:], lo)
+		binary.LittleEndian.PutUint64(tw[i+8:], hi)
 		// t *= α in GF(2^128), little-endian as IEEE 1619 orders it.
-		lo := binary.LittleEndian.Uint64(t[:8])
-		hi := binary.LittleEndian.Uint64(t[8:])
 		carry := hi >> 63
 		hi = hi<<1 | lo>>63
 		lo = lo<<1 ^ carry*0x87
-		binary.LittleEndian.PutUint64(t[:8], lo)
-		binary.LittleEndian.PutUint64(t[8:], hi)
 	}
+	subtle.XORBytes(s, s, tw)
+	if enc {
+		for i := 0; i < len(s); i += 16 {
+			data.Encrypt(s[i:i+16], s[i:i+16])
+		}
+	} else {
+		copy(x.saved, s)
+		if x.setIV != nil {
+			x.setIV(x.zero[:])
+		} else {
+			x.cbc = cipher.NewCBCDecrypter(data, x.zero[:])
+		}
+		x.cbc.CryptBlocks(s, s)
+		subtle.XORBytes(s[16:], s[16:], x.saved[:len(s)-16])
+	}
+	subtle.XORBytes(s, s, tw)
+}
+
+// xtsTweak is one sector of XTS with IV iv (for tests).
+func xtsTweak(data, tweakKey cipher.Block, iv, s []byte, enc bool) {
+	c := &SectorCipher{sectorSize: len(s), block: data}
+	c.newXTSScratch(enc).crypt(data, tweakKey, iv, s, enc)
 }
