@@ -119,3 +119,23 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 	}
 	return f.Flush(ctx)
 }
+
+// measure is img measure for luks: the header and key slots, then the
+// whole payload (the payload is never sparse to the guest: every sector
+// is ciphertext), so required and fully-allocated are equal.
+func measure(_ context.Context, o any, size int64, src *graph.Node) (graph.MeasureResult, error) {
+	opts := o.(*CreateOptions)
+	if opts.KeySecret == "" {
+		return graph.MeasureResult{}, qapi.Errorf(qapi.GenericError, "Parameter 'key-secret' is required for cipher")
+	}
+	p, err := opts.params()
+	if err != nil {
+		return graph.MeasureResult{}, err
+	}
+	if src != nil {
+		size = src.SizeNow()
+	}
+	size = (size + sectorSize - 1) &^ (sectorSize - 1)
+	n := crypto.PayloadOffset(p) + size
+	return graph.MeasureResult{Required: n, FullyAllocated: n, Bitmaps: -1}, nil
+}

@@ -216,3 +216,29 @@ func masterKeyFromDump(t *testing.T, out string) []byte {
 	}
 	return unhex(t, string(hexs))
 }
+
+// TestMeasure: qemu-img measure's numbers.
+func TestMeasure(t *testing.T) {
+	d := newCreateOptions().(*CreateOptions)
+	d.KeySecret = "s"
+	for _, tc := range []struct {
+		cipher crypto.CipherAlg
+		mode   crypto.CipherMode
+		size   int64
+		want   int64
+	}{
+		{crypto.AES256, crypto.ModeXTS, 1 << 30, 1075810304},
+		{crypto.AES256, crypto.ModeXTS, 1 << 20, 3117056},
+		{crypto.AES128, crypto.ModeCBC, 1 << 30, 1074270208},
+	} {
+		o := *d
+		o.CipherAlg, o.CipherMode = tc.cipher, tc.mode
+		m, err := measure(ctx, &o, tc.size, nil)
+		if err != nil || m.Required != tc.want || m.FullyAllocated != tc.want {
+			t.Errorf("%s-%s %d: %+v %v, want %d", tc.cipher, tc.mode, tc.size, m, err, tc.want)
+		}
+	}
+	if _, err := measure(ctx, newCreateOptions(), 1<<20, nil); err == nil || err.Error() != "Parameter 'key-secret' is required for cipher" {
+		t.Errorf("no key-secret: %v", err)
+	}
+}

@@ -36,6 +36,7 @@ func init() {
 		NewCreateOptions: newCreateOptions,
 		Create:           create,
 		NewAmendOptions:  func() any { return &AmendOptions{} },
+		Measure:          measure,
 		Probe:            probe,
 	})
 }
