@@ -14,6 +14,7 @@ import (
 	"os"
 
 	_ "blockbackend/drivers/file"
+	_ "blockbackend/drivers/luks"
 	_ "blockbackend/drivers/null"
 	_ "blockbackend/drivers/raw"
 	_ "blockbackend/vhostuser/blk"
