@@ -327,6 +327,15 @@ func (j *convertJob) run() error {
 		}
 		return ctx.Err() == nil
 	}
+	// A cancel from outside (j.t.Ctx) wakes the writers waiting for
+	// their turn too: the turn they wait for may belong to a task that
+	// a worker skipped.
+	stopWake := context.AfterFunc(ctx, func() {
+		turnMu.Lock()
+		turnCond.Broadcast()
+		turnMu.Unlock()
+	})
+	defer stopWake()
 	passTurn := func() {
 		if !j.ordered {
 			return
@@ -357,6 +366,11 @@ func (j *convertJob) run() error {
 	wg.Wait()
 	if err != nil && firstErr == nil {
 		return err
+	}
+	if firstErr == nil && j.t.Ctx.Err() != nil {
+		// Cancelled from outside: tasks were skipped, so the target is
+		// incomplete and the conversion must not report success.
+		return fmt.Errorf("error while converting: %s", j.t.Ctx.Err())
 	}
 	return firstErr
 }
