@@ -136,7 +136,13 @@ func ParseHeader(b []byte, size int64) (*Header, error) {
 		if !s.Active {
 			continue
 		}
-		if s.Stripes == 0 || s.Iterations == 0 {
+		// LUKS1 has 4000 stripes (QEMU and cryptsetup refuse others);
+		// any other count would also size the key material read at
+		// unlock from the file alone.
+		if s.Stripes != Stripes {
+			return nil, &FormatError{int64(o + 44), fmt.Sprintf("Keyslot %d is corrupted (stripes %d != %d)", i, s.Stripes, Stripes)}
+		}
+		if s.Iterations == 0 {
 			return nil, &FormatError{int64(o), fmt.Sprintf("Keyslot %d is corrupted (stripes %d, iterations %d)", i, s.Stripes, s.Iterations)}
 		}
 		start := int64(s.KeyOffset) * SectorSize

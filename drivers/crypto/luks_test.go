@@ -3,9 +3,11 @@ package crypto
 import (
 	"bytes"
 	"crypto/aes"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -206,5 +208,18 @@ func TestFormatUnlock(t *testing.T) {
 	}
 	if _, _, err := h2.Unlock(read, []byte("px")); !errors.Is(err, ErrInvalidPassword) {
 		t.Fatalf("wrong passphrase: %v", err)
+	}
+}
+
+// An active key slot must have LUKS1's 4000 stripes, as QEMU and
+// cryptsetup require: otherwise a crafted header on a big sparse file
+// would have Unlock allocate up to 256 GiB of key material.
+func TestParseRejectsOddStripes(t *testing.T) {
+	b := append([]byte(nil), seeds(t)["qemu-aes-xts.hdr"]...)
+	binary.BigEndian.PutUint32(b[104:], 0xffffffff)               // payload offset: the last sector
+	binary.BigEndian.PutUint32(b[slotTableStart+44:], 0xffffffff) // slot 0's stripes
+	var fe *FormatError
+	if _, err := ParseHeader(b, 1<<50); !errors.As(err, &fe) || !strings.Contains(err.Error(), "stripes") {
+		t.Fatalf("slot with 2^32-1 stripes: %v", err)
 	}
 }
