@@ -263,7 +263,14 @@ func (n *Node) BlockStatus(ctx context.Context, off, length int64) (StatusExtent
 		}
 		return ext, nil
 	}
-	return StatusExtent{Status: StatusData | StatusAllocated, Length: length, Offset: off, File: n}, nil
+	// As QEMU's fallback: only a protocol node says where the data lives
+	// (itself, at the same offset). A format without block status (luks)
+	// has no valid offset: img map then reports encrypted data as
+	// qemu-img does, not a mapping onto the node's own file name.
+	if n.driver.Protocol {
+		return StatusExtent{Status: StatusData | StatusAllocated, Length: length, Offset: off, File: n}, nil
+	}
+	return StatusExtent{Status: StatusData | StatusAllocated, Length: length}, nil
 }
 
 // Truncate resizes the node. The caller must hold the resize permission
