@@ -222,7 +222,11 @@ func (t *Tool) convert(args []string) int {
 	// (-B, -o backing_file): then what it does not allocate comes from
 	// there, and what the source does not allocate itself is left to it.
 	j.targetBacking = dst.node.Child("backing") != nil
-	j.zeroInit = created && !j.targetBacking || targetZero
+	newReadsZero := true
+	if zi, ok := dst.node.Instance().(graph.ZeroIniter); ok {
+		newReadsZero = zi.HasZeroInit()
+	}
+	j.zeroInit = created && !j.targetBacking && newReadsZero || targetZero
 	j.prog = newProgress(t.Stdout, prog)
 	if err := j.run(); err != nil {
 		j.prog.end()

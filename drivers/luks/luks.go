@@ -304,6 +304,10 @@ func (n *node) Truncate(ctx context.Context, size int64, exact bool, prealloc st
 	return n.file.Truncate(ctx, n.payload+size, exact, prealloc)
 }
 
+// HasZeroInit is false: a new payload reads as decrypted noise, not
+// zeros (img convert must write the zeros it would otherwise skip).
+func (n *node) HasZeroInit() bool { return false }
+
 // Encrypted marks the node encrypted in query-named-block-nodes.
 func (n *node) Encrypted() bool { return true }
 
