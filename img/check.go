@@ -79,6 +79,14 @@ func (t *Tool) check(args []string) int {
 	for _, m := range res.Messages {
 		fmt.Fprintln(t.Stderr, m)
 	}
+	if fix != 0 {
+		// The repairs must be on disk before we say they were made; the
+		// deferred close cannot report a failure.
+		if err := im.node.Flush(t.Ctx); err != nil {
+			t.errorf("Check failed: %s", errnoText(err))
+			return checkIncomplete
+		}
+	}
 	if fix != 0 && (res.LeaksFixed > 0 || res.CorruptionsFixed > 0) {
 		// qemu-img checks the repaired image again and reports that.
 		if !jsonOut {
