@@ -571,7 +571,26 @@ func (c *checker) rebuildRefcounts() error {
 // writeRefcounts places a refcount table and blocks describing refs at
 // cluster start (or later) and switches the header to them.
 func writeRefcounts(ctx context.Context, st Storage, h *Header, refs []uint32, start int64) error {
-	g := h.Geometry()
+	tOff, nrt, err := placeRefcounts(ctx, st, h.Geometry(), refs, start)
+	if err != nil {
+		return err
+	}
+	var f [12]byte
+	be.PutUint64(f[0:], uint64(tOff))
+	be.PutUint32(f[8:], uint32(nrt))
+	if err := patchHeader(ctx, st, 48, f[:]); err != nil {
+		return err
+	}
+	h.RefcountTableOffset = uint64(tOff)
+	h.RefcountTableClusters = uint32(nrt)
+	return nil
+}
+
+// placeRefcounts writes refcount blocks of geometry g and a refcount
+// table describing refs (plus themselves) at cluster start or later, and
+// flushes. It returns the table's offset and size in clusters; nothing
+// points at them yet.
+func placeRefcounts(ctx context.Context, st Storage, g Geometry, refs []uint32, start int64) (int64, int64, error) {
 	cs := g.ClusterSize()
 	start = max(start, int64(len(refs)))
 	per := g.RefcountBlockEntries()
@@ -586,7 +605,7 @@ func writeRefcounts(ctx context.Context, st Storage, h *Header, refs []uint32, s
 		nrb, nrt = b, t
 	}
 	if nrt*cs > MaxRefcountTable {
-		return fmt.Errorf("qcow2: refcount table would exceed %d bytes: %w", MaxRefcountTable, syscall.EFBIG)
+		return 0, 0, fmt.Errorf("qcow2: refcount table would exceed %d bytes: %w", MaxRefcountTable, syscall.EFBIG)
 	}
 	total := start + nrb + nrt
 	table := make([]byte, nrt*cs)
@@ -603,33 +622,22 @@ func writeRefcounts(ctx context.Context, st Storage, h *Header, refs []uint32, s
 				v = 1
 			}
 			if v != 0 {
-				if err := SetRefcount(block, h.RefcountOrder, i, v); err != nil {
-					return fmt.Errorf("qcow2: refcount of cluster %d: %w", k, err)
+				if err := SetRefcount(block, g.RefcountOrder, i, v); err != nil {
+					return 0, 0, fmt.Errorf("qcow2: refcount of cluster %d: %w", k, err)
 				}
 			}
 		}
 		off := (start + b) * cs
 		if err := st.WriteAt(ctx, block, off); err != nil {
-			return fmt.Errorf("qcow2: writing refcount block %d: %w", b, err)
+			return 0, 0, fmt.Errorf("qcow2: writing refcount block %d: %w", b, err)
 		}
 		be.PutUint64(table[b*8:], uint64(off))
 	}
 	tOff := (start + nrb) * cs
 	if err := st.WriteAt(ctx, table, tOff); err != nil {
-		return fmt.Errorf("qcow2: writing the refcount table: %w", err)
+		return 0, 0, fmt.Errorf("qcow2: writing the refcount table: %w", err)
 	}
-	if err := st.Flush(ctx); err != nil {
-		return err
-	}
-	var f [12]byte
-	be.PutUint64(f[0:], uint64(tOff))
-	be.PutUint32(f[8:], uint32(nrt))
-	if err := patchHeader(ctx, st, 48, f[:]); err != nil {
-		return err
-	}
-	h.RefcountTableOffset = uint64(tOff)
-	h.RefcountTableClusters = uint32(nrt)
-	return nil
+	return tOff, nrt, st.Flush(ctx)
 }
 
 // patchHeader overwrites header bytes [off, off+len(b)) (all within the
