@@ -141,6 +141,9 @@ func format(ctx context.Context, log *slog.Logger, file, data *graph.Node, o *Cr
 	if err := file.Truncate(ctx, 0, true, "off"); err != nil {
 		return fmt.Errorf("Could not resize image: %w", err)
 	}
+	if err := file.Truncate(ctx, 3*cs, true, "off"); err != nil {
+		return fmt.Errorf("Could not resize image: %w", err)
+	}
 	buf := make([]byte, 3*cs)
 	hb := h.Marshal()
 	copy(buf, hb)

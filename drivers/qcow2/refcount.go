@@ -91,6 +91,9 @@ func (img *image) ensureBlockLocked(ctx context.Context, k int64) error {
 	// block does not exist.
 	per := img.geo.RefcountBlockEntries()
 	off := int64(ti) * per * img.cs
+	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
+		return err
+	}
 	b, err := img.rbc.getNew(ctx, off)
 	if err != nil {
 		return err
@@ -143,6 +146,9 @@ func (img *image) growRefcountTableLocked(ctx context.Context, need uint64) erro
 		nblocks = want
 	}
 	tableOff := (start + nblocks) * img.cs
+	if err := img.growFileLocked(ctx, img.file, tableOff+tableClusters*img.cs); err != nil {
+		return err
+	}
 	newRT := make([]uint64, entries)
 	copy(newRT, img.rt)
 	for i := int64(0); i < nblocks; i++ {
@@ -217,6 +223,9 @@ func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
 			continue
 		}
 		run++
+	}
+	if err := img.growFileLocked(ctx, img.file, (k+n)*img.cs); err != nil {
+		return 0, err
 	}
 	for c := k; c < k+n; c++ {
 		if err := img.setRefcountLocked(ctx, c, 1); err != nil {
@@ -357,6 +366,22 @@ func (img *image) writeL1Locked(ctx context.Context) error {
 		if err := img.file.WriteV(ctx, base+int64(lo)*8, [][]byte{buf}, 0); err != nil {
 			return fmt.Errorf("qcow2: writing the L1 table: %w", err)
 		}
+	}
+	return nil
+}
+
+// growFileLocked makes child n at least end bytes long: the graph checks
+// requests against a node's size, so clusters past the end of the file
+// are made part of it before anything is written there.
+func (img *image) growFileLocked(ctx context.Context, n interface {
+	SizeNow() int64
+	Truncate(context.Context, int64, bool, string) error
+}, end int64) error {
+	if end <= n.SizeNow() {
+		return nil
+	}
+	if err := n.Truncate(ctx, end, false, "off"); err != nil {
+		return fmt.Errorf("qcow2: growing the image file to %d bytes: %w", end, err)
 	}
 	return nil
 }

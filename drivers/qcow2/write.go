@@ -138,6 +138,10 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 	switch {
 	case img.extData:
 		host = p.clusters[0].guest
+		last := p.clusters[len(p.clusters)-1]
+		if err := img.growFileLocked(ctx, img.data, last.guest+img.cs); err != nil {
+			return nil, nil, err
+		}
 	case keep:
 		host = e0.Offset()
 	default:
