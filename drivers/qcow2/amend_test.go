@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -115,7 +116,7 @@ func TestAmendRefcountBits(t *testing.T) {
 	before := snapshotData(t, p)
 	for _, w := range []int64{64, 2, 8, 16} {
 		mustAmend(t, p, AmendOptions{RefcountBits: ptr(w)})
-		if got := infoField(t, p, "refcount bits"); got != itoa(w) {
+		if got := infoField(t, p, "refcount bits"); got != strconv.FormatInt(w, 10) {
 			t.Fatalf("refcount bits %q, want %d", got, w)
 		}
 		assertClean(t, p)
@@ -126,15 +127,6 @@ func TestAmendRefcountBits(t *testing.T) {
 		t.Fatalf("refcount_bits=1 with shared clusters: %v", err)
 	}
 	assertClean(t, p)
-}
-
-func itoa(n int64) string {
-	var b []byte
-	for n > 0 || len(b) == 0 {
-		b = append([]byte{byte('0' + n%10)}, b...)
-		n /= 10
-	}
-	return string(b)
 }
 
 func TestAmendSize(t *testing.T) {

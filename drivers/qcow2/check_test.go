@@ -111,8 +111,8 @@ func checkCases() []checkCase {
 	}
 }
 
-func resultOf(r graph.CheckResult) qemuCheck {
-	return qemuCheck{
+func resultOf(r graph.CheckResult) checkReport {
+	return checkReport{
 		Corruptions: r.Corruptions, Leaks: r.Leaks, CheckErrors: r.CheckErrors,
 		CorruptionsFixed: r.CorruptionsFixed, LeaksFixed: r.LeaksFixed,
 		ImageEndOffset: r.ImageEndOffset, TotalClusters: r.TotalClusters,

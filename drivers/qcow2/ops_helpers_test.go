@@ -108,8 +108,8 @@ func qemuIO(t testing.TB, p string, cmds ...string) {
 	must(t, "qemu-io", append(args, p)...)
 }
 
-// qemuCheck is what qemu-img check says about an image.
-type qemuCheck struct {
+// checkReport is what qemu-img check says about an image.
+type checkReport struct {
 	Corruptions        int   `json:"corruptions"`
 	Leaks              int   `json:"leaks"`
 	CheckErrors        int   `json:"check-errors"`
@@ -123,11 +123,11 @@ type qemuCheck struct {
 	Messages           []string
 }
 
-func runQemuCheck(t testing.TB, p string, extra ...string) qemuCheck {
+func runQemuCheck(t testing.TB, p string, extra ...string) checkReport {
 	t.Helper()
 	args := append([]string{"check", "--output=json"}, extra...)
 	out, errs, code := run(t, "qemu-img", append(args, p)...)
-	var qc qemuCheck
+	var qc checkReport
 	if code == 1 && out == "" {
 		// The check itself failed ("Check failed: ...").
 		qc.CheckErrors = -1
