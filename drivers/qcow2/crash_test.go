@@ -19,10 +19,10 @@ import (
 // flushed yet, so that a "crash" can keep any subset of them (a disk may
 // persist unflushed writes in any order).
 type crashFile struct {
-	mu       sync.Mutex
-	cur      []byte
-	durable  []byte
-	pending  []pendingWrite // since the last flush, in order
+	mu      sync.Mutex
+	cur     []byte
+	durable []byte
+	pending []pendingWrite // since the last flush, in order
 	// rng, when set, takes crash images at random writes (inside the
 	// driver's metadata updates) into snaps.
 	rng   *rand.Rand
