@@ -126,7 +126,16 @@ func TestCreateWriteRead(t *testing.T) {
 			if v, ok := opts["cluster-size"].(int); ok {
 				cs = int64(v)
 			}
-			g, n := openQcow2(t, p, false, map[string]any{"discard": "unmap"})
+			extra := map[string]any{"discard": "unmap"}
+			if i%2 == 1 {
+				// Tiny caches: eviction and write-back on every step.
+				extra["l2-cache-size"] = 2 * cs
+				extra["refcount-cache-size"] = 2 * cs
+				if cs >= 4096 {
+					extra["l2-cache-entry-size"] = 1024
+				}
+			}
+			g, n := openQcow2(t, p, false, extra)
 			m := &model{data: make([]byte, size)}
 			rng := rand.New(rand.NewSource(int64(i)))
 			randomOps(t, n, m, rng, 300, cs)
