@@ -411,17 +411,27 @@ func resizeImage(ctx context.Context, st Storage, h *Header, newSize uint64) err
 
 // dropEntries takes one reference from every cluster the L2 table maps.
 func dropEntries(m *metaEditor, table []byte) error {
+	fileSize, err := m.st.Size()
+	if err != nil {
+		return err
+	}
 	for j := 0; j < int(m.g.L2Entries()); j++ {
 		le := m.g.GetL2(table, j)
 		switch le.Type(m.g.ExtendedL2, m.h.ExternalData()) {
 		case ClusterCompressed:
 			host, n := m.g.CompressedSpan(le)
+			if err := checkRef(m, fileSize, host&^511, n+host&511); err != nil {
+				return err
+			}
 			if err := m.addRef(host&^511, n+host&511, -1); err != nil {
 				return err
 			}
 		case ClusterNormal, ClusterZeroAlloc:
 			if m.h.ExternalData() {
 				continue
+			}
+			if err := checkRef(m, fileSize, le.Offset(), m.cs); err != nil {
+				return err
 			}
 			if err := m.addRef(le.Offset(), m.cs, -1); err != nil {
 				return err
@@ -455,6 +465,9 @@ func expandZeroClusters(ctx context.Context, st Storage, h *Header) error {
 		n   uint32
 	}{{int64(h.L1TableOffset), h.L1Size}}
 	for _, sn := range snaps {
+		if sn.L1TableOffset%uint64(m.cs) != 0 || uint64(sn.L1Size)*8 > MaxL1Bytes {
+			return amendErr("Snapshot %s has an invalid L1 table; run 'qemu-img check -r all' first", sn.ID)
+		}
 		tables = append(tables, struct {
 			off int64
 			n   uint32
@@ -477,7 +490,14 @@ func expandZeroClusters(ctx context.Context, st Storage, h *Header) error {
 	hasBacking := h.BackingFile != ""
 	zeros := make([]byte, m.cs)
 	table := make([]byte, m.cs)
+	fileSize, err := st.Size()
+	if err != nil {
+		return err
+	}
 	for _, l2 := range order {
+		if err := checkRef(m, fileSize, l2, m.cs); err != nil {
+			return err
+		}
 		if err := st.ReadAt(ctx, table, l2); err != nil {
 			return err
 		}
@@ -507,6 +527,9 @@ func expandZeroClusters(ctx context.Context, st Storage, h *Header) error {
 				changed = true
 			case ClusterZeroAlloc:
 				host := le.Offset()
+				if err := checkRef(m, fileSize, host, m.cs); err != nil {
+					return err
+				}
 				r, err := m.refcount(host / m.cs)
 				if err != nil {
 					return err

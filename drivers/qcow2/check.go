@@ -212,8 +212,8 @@ func (c *checker) inc(off, size int64) {
 // selects the active table (its clusters give the allocation statistics).
 func (c *checker) checkL1(off int64, n uint32, active bool) {
 	c.inc(off, int64(n)*8)
-	if n == 0 {
-		return
+	if n == 0 || off < 0 || off >= c.fileSize {
+		return // nothing to read: beyond the file, entries read as zeros
 	}
 	l1, err := readL1(c.ctx, c.st, off, n)
 	if err != nil {
@@ -243,6 +243,9 @@ func (c *checker) checkL1(off int64, n uint32, active bool) {
 
 // checkL2 counts the clusters an L2 table references.
 func (c *checker) checkL2(off int64, active bool) {
+	if off >= c.fileSize {
+		return // reads as zeros: nothing mapped
+	}
 	table := make([]byte, c.cs)
 	if err := c.st.ReadAt(c.ctx, table, off); err != nil {
 		c.msg("ERROR: I/O error in check_refcounts_l2")
@@ -356,7 +359,7 @@ func (c *checker) checkRefblocks() {
 		return
 	}
 	for i, e := range m.reftable {
-		off := int64(e &^ RefcountTableReservedMask)
+		off := int64(e &^ RefcountTableReservedMask &^ (1 << 63))
 		if off%c.cs != 0 {
 			c.msg("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted", i)
 			c.corruption()
@@ -364,7 +367,7 @@ func (c *checker) checkRefblocks() {
 			c.rebuild = true
 			continue
 		}
-		if off/c.cs >= c.nbClusters {
+		if off/c.cs >= c.nbClusters || e>>63 != 0 {
 			c.msg("ERROR refcount block %d is outside image", i)
 			c.corruption()
 			c.refErrs++

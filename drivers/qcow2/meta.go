@@ -153,11 +153,12 @@ func (m *metaEditor) block(idx uint64) ([]byte, error) {
 	if idx >= uint64(len(m.reftable)) {
 		return nil, nil
 	}
-	off := int64(m.reftable[idx] &^ RefcountTableReservedMask)
-	if off == 0 {
+	e := m.reftable[idx] &^ RefcountTableReservedMask
+	if e == 0 {
 		return nil, nil
 	}
-	if off%m.cs != 0 {
+	off := int64(e)
+	if off%m.cs != 0 || e > MaxHostOffset {
 		return nil, &refblockError{idx: idx, off: off}
 	}
 	b := make([]byte, m.cs)

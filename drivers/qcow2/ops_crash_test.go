@@ -33,6 +33,9 @@ type opsWrite struct {
 var errOpsCrash = errors.New("crashed")
 
 func (s *opsCrashStore) ReadAt(_ context.Context, p []byte, off int64) error {
+	if off < 0 {
+		return errors.New("negative offset")
+	}
 	clear(p)
 	if off < int64(len(s.cur)) {
 		copy(p, s.cur[off:])
@@ -41,6 +44,9 @@ func (s *opsCrashStore) ReadAt(_ context.Context, p []byte, off int64) error {
 }
 
 func (s *opsCrashStore) WriteAt(_ context.Context, p []byte, off int64) error {
+	if off < 0 || off > 1<<40 {
+		return errors.New("offset out of range")
+	}
 	if s.crashed {
 		return errOpsCrash
 	}

@@ -91,11 +91,19 @@ func nextSnapshotID(snaps []Snapshot) string {
 // addTreeRefs adds delta to the refcount of every L2 table the L1 table
 // l1 references and of every cluster those tables reference.
 func addTreeRefs(m *metaEditor, l1 []uint64, delta int) error {
+	fileSize, err := m.st.Size()
+	if err != nil {
+		return err
+	}
+	inside := func(off, n int64) error { return checkRef(m, fileSize, off, n) }
 	table := make([]byte, m.cs)
 	for _, e := range l1 {
 		l2 := L1Entry(e).Offset()
 		if l2 == 0 {
 			continue
+		}
+		if err := inside(l2, m.cs); err != nil {
+			return err
 		}
 		if err := m.addRef(l2, m.cs, delta); err != nil {
 			return err
@@ -108,6 +116,9 @@ func addTreeRefs(m *metaEditor, l1 []uint64, delta int) error {
 			switch le.Type(m.g.ExtendedL2, m.h.ExternalData()) {
 			case ClusterCompressed:
 				host, n := m.g.CompressedSpan(le)
+				if err := inside(host&^511, n+host&511); err != nil {
+					return err
+				}
 				if err := m.addRef(host&^511, n+host&511, delta); err != nil {
 					return err
 				}
@@ -115,11 +126,26 @@ func addTreeRefs(m *metaEditor, l1 []uint64, delta int) error {
 				if m.h.ExternalData() {
 					continue
 				}
+				if err := inside(le.Offset(), m.cs); err != nil {
+					return err
+				}
 				if err := m.addRef(le.Offset(), m.cs, delta); err != nil {
 					return err
 				}
 			}
 		}
+	}
+	return nil
+}
+
+// checkRef refuses a reference that qemu-img check would call a
+// corruption: a table or data cluster not cluster aligned (n == cluster
+// size), or a range beyond the end of the file, where changing refcounts
+// would grow the file.
+func checkRef(m *metaEditor, fileSize, off, n int64) error {
+	if n == m.cs && off%m.cs != 0 || off+n-fileSize >= m.cs {
+		return fmt.Errorf("qcow2: metadata references [%#x, +%#x), beyond the end of the image or unaligned; run 'qemu-img check -r all': %w",
+			off, n, syscall.EIO)
 	}
 	return nil
 }
@@ -132,8 +158,8 @@ func fixCopied(m *metaEditor, l1Off int64, l1 []uint64) error {
 	l1Changed := false
 	for i, e := range l1 {
 		l2 := L1Entry(e).Offset()
-		if l2 == 0 {
-			continue
+		if l2 == 0 || l2%m.cs != 0 {
+			continue // unaligned: corrupt, never written over
 		}
 		r, err := m.refcount(l2 / m.cs)
 		if err != nil {
