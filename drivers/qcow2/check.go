@@ -133,6 +133,13 @@ func checkImage(ctx context.Context, st Storage, h *Header, fix graph.CheckFix) 
 		if err := st.Flush(ctx); err != nil {
 			return res, err
 		}
+		// A repair that leaves nothing wrong makes the image clean and
+		// consistent again, as qemu-img check -r does.
+		if res.CheckErrors == 0 && res.Corruptions == 0 {
+			if err := markClean(ctx, st, h); err != nil {
+				return res, err
+			}
+		}
 	}
 	return res, nil
 }
@@ -289,6 +296,10 @@ func (c *checker) checkL2(off int64, active bool) {
 			c.inc(host&^511, length+host&511)
 		case ClusterNormal, ClusterZeroAlloc:
 			host := e.Offset()
+			if ext && e.AllocBitmap()&e.ZeroBitmap() != 0 {
+				c.msg("ERROR offset=%x: Allocated cluster has corrupted subcluster allocation bitmap", host)
+				c.corruption()
+			}
 			if stats {
 				c.res.AllocatedClusters++
 				if next != 0 && host != next {
@@ -302,6 +313,11 @@ func (c *checker) checkL2(off int64, active bool) {
 			}
 			if !data {
 				c.inc(host, c.cs)
+			}
+		case ClusterUnallocated:
+			if ext && e.AllocBitmap() != 0 {
+				c.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+				c.corruption()
 			}
 		}
 	}
@@ -665,29 +681,8 @@ func rebuildRefcountStructure(ctx context.Context, st Storage, h *Header) error 
 	if err := c.rebuildRefcounts(); err != nil {
 		return err
 	}
-	return clearDirty(ctx, st, h)
-}
-
-// repairImage is what opening a dirty image with lazy refcounts does
-// (qcow2.txt: "make sure to scan L1/L2 tables to repair refcounts before
-// accessing the image"): qemu-img check -r all, then the dirty bit is
-// cleared. h is updated.
-func repairImage(ctx context.Context, st Storage, h *Header) (graph.CheckResult, error) {
-	res, err := checkImage(ctx, st, h, graph.CheckFixLeaks|graph.CheckFixErrors)
-	if err != nil {
-		return res, err
-	}
-	return res, clearDirty(ctx, st, h)
-}
-
-// clearDirty clears incompatible bit 0 on disk (after a flush of what
-// made the refcounts right).
-func clearDirty(ctx context.Context, st Storage, h *Header) error {
 	if h.IncompatibleFeatures&IncompatDirty == 0 {
 		return nil
-	}
-	if err := st.Flush(ctx); err != nil {
-		return err
 	}
 	var f [8]byte
 	be.PutUint64(f[:], h.IncompatibleFeatures&^IncompatDirty)
@@ -695,5 +690,33 @@ func clearDirty(ctx context.Context, st Storage, h *Header) error {
 		return err
 	}
 	h.IncompatibleFeatures &^= IncompatDirty
+	return nil
+}
+
+// repairImage is what opening a dirty image with lazy refcounts does
+// (qcow2.txt: "make sure to scan L1/L2 tables to repair refcounts before
+// accessing the image"): qemu-img check -r all, which also clears the
+// dirty bit when nothing is left to repair. h is updated.
+func repairImage(ctx context.Context, st Storage, h *Header) (graph.CheckResult, error) {
+	res, err := checkImage(ctx, st, h, graph.CheckFixLeaks|graph.CheckFixErrors)
+	if err == nil && res.CheckErrors != 0 {
+		err = fmt.Errorf("qcow2: %d check errors: %w", res.CheckErrors, syscall.EIO)
+	}
+	return res, err
+}
+
+// markClean clears the dirty and corrupt bits on disk (after a flush of
+// what made the image consistent).
+func markClean(ctx context.Context, st Storage, h *Header) error {
+	bits := h.IncompatibleFeatures &^ (IncompatDirty | IncompatCorrupt)
+	if bits == h.IncompatibleFeatures {
+		return nil
+	}
+	var f [8]byte
+	be.PutUint64(f[:], bits)
+	if err := patchHeader(ctx, st, 72, f[:]); err != nil {
+		return err
+	}
+	h.IncompatibleFeatures = bits
 	return nil
 }

@@ -102,6 +102,63 @@ func checkCases() []checkCase {
 			off := int64(h.RefcountTableOffset)
 			poke64(t, p, off, peek64(t, p, off)+0x200)
 		}), true},
+		{"bitmaps", func(t *testing.T) string {
+			p := newImage(t, "", "64M", "write -P 1 0 1M")
+			must(t, "qemu-img", "bitmap", "--add", p, "b0")
+			must(t, "qemu-img", "bitmap", "--add", "-g", "4k", p, "b1")
+			qemuIO(t, p, "write -P 2 4M 1M")
+			return p
+		}, true},
+		{"data-file", func(t *testing.T) string {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "df.qcow2")
+			must(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(dir, "d.raw"), p, "16M")
+			qemuIO(t, p, "write -P 1 0 1M", "write -z 4M 64k")
+			return p
+		}, true},
+		{"prealloc-metadata", func(t *testing.T) string {
+			return newImage(t, "preallocation=metadata", "16M", "write -z 0 128k")
+		}, true},
+		{"compressed-snapshot", func(t *testing.T) string {
+			dir := t.TempDir()
+			raw := filepath.Join(dir, "src.raw")
+			must(t, "qemu-img", "create", "-q", "-f", "raw", raw, "4M")
+			must(t, "qemu-io", "-f", "raw", "-c", "write -P 7 0 1M", raw)
+			p := filepath.Join(dir, "c.qcow2")
+			must(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, p)
+			must(t, "qemu-img", "snapshot", "-c", "s", p)
+			qemuIO(t, p, "write -P 1 0 64k")
+			return p
+		}, true},
+		{"compressed-copied", func(t *testing.T) string {
+			dir := t.TempDir()
+			raw := filepath.Join(dir, "src.raw")
+			must(t, "qemu-img", "create", "-q", "-f", "raw", raw, "4M")
+			must(t, "qemu-io", "-f", "raw", "-c", "write -P 7 0 1M", raw)
+			p := filepath.Join(dir, "c.qcow2")
+			must(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, p)
+			off := l2EntryOffset(t, p, 64<<10)
+			poke64(t, p, off, peek64(t, p, off)|FlagCopied)
+			return p
+		}, false},
+		{"extl2-bad-bitmap", damaged(func(t *testing.T) string {
+			return newImage(t, "extended_l2=on", "16M", "write -P 1 0 64k", "write -P 2 1M 4k")
+		}, func(t *testing.T, p string) {
+			off := l2EntryOffset(t, p, 1<<20) + 8
+			poke64(t, p, off, peek64(t, p, off)|1<<33) // allocated and zero
+			off = l2EntryOffset(t, p, 2<<20) + 8
+			poke64(t, p, off, 1) // allocated without a host cluster
+		}), false},
+		{"snapshot-l1-unaligned", damaged(withSnap, func(t *testing.T, p string) {
+			_, h := openTestImage(t, p)
+			poke64(t, p, int64(h.SnapshotsOffset), peek64(t, p, int64(h.SnapshotsOffset))+0x200)
+		}), false},
+		{"snapshot-l1-huge", damaged(withSnap, func(t *testing.T, p string) {
+			_, h := openTestImage(t, p)
+			off := int64(h.SnapshotsOffset) + 8
+			v := peek64(t, p, off)
+			poke64(t, p, off, v&0xffffffff|uint64(0x10000000)<<32)
+		}), false},
 		{"lazy-dirty", func(t *testing.T) string {
 			p := newImage(t, "lazy_refcounts=on", "10M")
 			// qemu-io aborts on purpose, leaving the image dirty.
@@ -203,5 +260,38 @@ func TestCheckRepair(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestRebuildRefcountStructure: the refcounts of a dirty lazy-refcounts
+// image rebuilt from the references alone satisfy qemu-img check.
+func TestRebuildRefcountStructure(t *testing.T) {
+	p := newImage(t, "lazy_refcounts=on,cluster_size=4k", "10M", "write -P 1 0 1M")
+	must(t, "qemu-img", "snapshot", "-c", "s", p)
+	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 3 512k 1M", "-c", "write -c -P 4 4M 64k", "-c", "abort", p)
+	st, h := openTestImage(t, p)
+	if err := rebuildRefcountStructure(context.Background(), st, h); err != nil {
+		t.Fatal(err)
+	}
+	if h.IncompatibleFeatures&IncompatDirty != 0 {
+		t.Fatal("still dirty")
+	}
+	assertClean(t, p)
+}
+
+// TestRepairClearsCorruptBit: a repair that leaves nothing wrong clears
+// the corrupt bit, as qemu-img check -r does.
+func TestRepairClearsCorruptBit(t *testing.T) {
+	p := newImage(t, "", "16M", "write 0 64k")
+	poke64(t, p, 72, IncompatCorrupt)
+	st, h := openTestImage(t, p)
+	if _, err := checkImage(context.Background(), st, h, 0); err != nil || h.IncompatibleFeatures != IncompatCorrupt {
+		t.Fatalf("check without repair: %v %#x", err, h.IncompatibleFeatures)
+	}
+	if _, err := checkImage(context.Background(), st, h, graph.CheckFixLeaks); err != nil {
+		t.Fatal(err)
+	}
+	if infoField(t, p, "corrupt") != "false" {
+		t.Fatal("corrupt bit still set")
 	}
 }

@@ -103,10 +103,6 @@ func (img *image) Check(ctx context.Context, fix graph.CheckFix) (graph.CheckRes
 	err := img.offline(ctx, fix != 0, func(st Storage, h *Header) error {
 		var err error
 		res, err = checkImage(ctx, st, h, fix)
-		if err == nil && fix&graph.CheckFixErrors != 0 && res.Corruptions == 0 {
-			// A repaired image is consistent: the dirty bit goes.
-			err = clearDirty(ctx, st, h)
-		}
 		return err
 	})
 	return res, err
