@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -147,5 +148,17 @@ func TestMeasureDriver(t *testing.T) {
 		if got != want {
 			t.Errorf("cluster size %d: got %+v, want %+v", cs, got, want)
 		}
+	}
+	// An overlay: the chain's data counts, the overlay's bitmaps only.
+	ov := filepath.Join(t.TempDir(), "ov.qcow2")
+	must(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", p, "-F", "qcow2", ov)
+	qemuIO(t, ov, "write -P 5 200M 1M", "write -z 0 64k")
+	_, on := openQcow2(t, ov, true, nil)
+	got, err = measureImage(context.Background(), d.NewCreateOptions(), 0, on)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := qemuMeasure(t, ov); got != want {
+		t.Errorf("overlay: got %+v, want %+v", got, want)
 	}
 }
