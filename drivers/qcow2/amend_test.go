@@ -205,3 +205,19 @@ func TestAmendErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestAmendOptionsDecode: the options decode strictly, with -o's names.
+func TestAmendOptionsDecode(t *testing.T) {
+	o := newAmendOptions().(*AmendOptions)
+	m := map[string]any{"compat": "1.1", "lazy-refcounts": "on", "refcount-bits": "8", "size": "1G", "data-file": "d.raw"}
+	if err := qapi.Decode(m, o, qapi.Keyval); err != nil {
+		t.Fatal(err)
+	}
+	if o.Compat != "1.1" || !*o.LazyRefcounts || *o.RefcountBits != 8 || *o.Size != 1<<30 || *o.DataFile != "d.raw" {
+		t.Fatalf("decoded %+v", o)
+	}
+	err := qapi.Decode(map[string]any{"cluster-size": "4k"}, newAmendOptions(), qapi.Keyval)
+	if err == nil || !strings.Contains(err.Error(), "cluster-size") {
+		t.Fatalf("unknown option: %v", err)
+	}
+}
