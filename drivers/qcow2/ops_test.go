@@ -257,3 +257,44 @@ func TestInfoAndStatus(t *testing.T) {
 		t.Fatalf("zero: %+v %v", ext, err)
 	}
 }
+
+func TestReopenAndWithMetadata(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "r.qcow2")
+	createImage(t, p, 1<<20, map[string]any{"cluster-size": 4096, "lazy-refcounts": true})
+	g, n := openQcow2(t, p, false, nil)
+	ctx := context.Background()
+	if err := n.WriteAt(ctx, []byte("data"), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Read-only: everything written back, the dirty bit cleared.
+	if err := g.Reopen(ctx, []map[string]any{{"driver": "qcow2", "node-name": "q", "read-only": true,
+		"file": n.Child("file").Node().Name(), "l2-cache-size": 8192}}, 0); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(p)
+	if binary.BigEndian.Uint64(b[72:])&IncompatDirty != 0 {
+		t.Fatal("dirty bit set after reopening read-only")
+	}
+	if err := g.Reopen(ctx, []map[string]any{{"driver": "qcow2", "node-name": "q", "read-only": false,
+		"file": n.Child("file").Node().Name()}}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, []byte("more"), 8192, 0); err != nil {
+		t.Fatal(err)
+	}
+	var seen uint64
+	err := inst(t, n).WithMetadata(ctx, func(ctx context.Context, file *graph.Node, h *Header) error {
+		seen = h.L1TableOffset
+		return nil
+	})
+	if err != nil || seen == 0 {
+		t.Fatalf("WithMetadata: %v %d", err, seen)
+	}
+	buf := make([]byte, 4)
+	if err := n.ReadAt(ctx, buf, 8192); err != nil || string(buf) != "more" {
+		t.Fatalf("after WithMetadata: %q %v", buf, err)
+	}
+	g.Close()
+	qemuCheck(t, p)
+}

@@ -432,19 +432,7 @@ func (img *image) Close() error {
 		if img.corrupt {
 			return
 		}
-		err := img.syncLocked(ctx, true)
-		if err == nil && img.dirtySet {
-			err = img.file.Flush(ctx)
-			if err == nil {
-				h := *img.hdr
-				h.IncompatibleFeatures &^= IncompatDirty
-				err = img.writeHeaderLocked(ctx, &h)
-				if err == nil {
-					img.dirtySet = false
-					err = img.file.Flush(ctx)
-				}
-			}
-		}
+		err := img.closeMetadataLocked(ctx)
 		img.closeErr = err
 	})
 	return img.closeErr
