@@ -2,7 +2,6 @@ package qcow2
 
 import (
 	"context"
-	"fmt"
 
 	"blockbackend/graph"
 	"blockbackend/qmp/qapi"
@@ -104,60 +103,4 @@ func (img *image) closeMetadataLocked(ctx context.Context) error {
 	}
 	img.dirtySet = false
 	return img.file.Flush(ctx)
-}
-
-// WithMetadata runs fn with every request on the image drained and all
-// metadata written back and flushed, for the operations that edit qcow2
-// metadata on the file directly (check and repair, internal snapshots,
-// amend). fn gets the file child and the current header; afterwards the
-// image reloads its header, L1 and refcount tables from the file and
-// starts with empty caches, so fn may have changed anything.
-func (img *image) WithMetadata(ctx context.Context, fn func(ctx context.Context, file *graph.Node, h *Header) error) error {
-	img.resize.Lock()
-	defer img.resize.Unlock()
-	img.meta.Lock()
-	defer img.meta.Unlock()
-	if !img.readOnly && !img.corrupt {
-		if err := img.syncLocked(ctx, true); err != nil {
-			return err
-		}
-		if err := img.file.Flush(ctx); err != nil {
-			return err
-		}
-	}
-	h := *img.hdr
-	ferr := fn(ctx, img.file, &h)
-	if err := img.reloadLocked(ctx); err != nil {
-		return fmt.Errorf("qcow2: reloading metadata: %w", err)
-	}
-	return ferr
-}
-
-// reloadLocked rereads the header and tables after an offline edit.
-func (img *image) reloadLocked(ctx context.Context) error {
-	h, err := ParseHeader(nodeReaderAt{ctx, img.file}, img.file.SizeNow())
-	if err != nil {
-		return err
-	}
-	l1, err := img.readTable(ctx, int64(h.L1TableOffset), int(h.L1Size))
-	if err != nil {
-		return err
-	}
-	rt, err := img.readTable(ctx, int64(h.RefcountTableOffset), int(int64(h.RefcountTableClusters)*img.cs/8))
-	if err != nil {
-		return err
-	}
-	img.hdr, img.l1, img.rt = h, l1, rt
-	img.l1Dirty = map[int]bool{}
-	img.pending = nil
-	img.freeHint = 0
-	img.compCursor = 0
-	img.corrupt = h.IncompatibleFeatures&IncompatCorrupt != 0
-	img.dirtySet = h.IncompatibleFeatures&IncompatDirty != 0
-	img.headerDone = false
-	img.l2c = newTableCache("L2 table", img.file, img.l2Slice, int64(img.l2c.max)*img.l2Slice)
-	img.l2c.beforeWrite = img.syncRefcounts
-	img.rbc = newTableCache("refcount block", img.file, img.cs, int64(img.rbc.max)*img.cs)
-	img.size.Store(int64(h.Size))
-	return nil
 }
