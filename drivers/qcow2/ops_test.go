@@ -290,3 +290,26 @@ func TestReopen(t *testing.T) {
 	g.Close()
 	qemuCheck(t, p)
 }
+
+func TestOverlapMarksCorrupt(t *testing.T) {
+	dir := t.TempDir()
+	p := makeQemuImage(t, dir, "o.qcow2", "cluster_size=4096", "1M", "write -P 1 0 4k")
+	b := mustRead(t, p)
+	h, _ := ParseHeader(bytes.NewReader(b), int64(len(b)))
+	l2 := int64(binary.BigEndian.Uint64(b[h.L1TableOffset:]) & OffsetMask)
+	// Guest cluster 0 now maps onto the refcount table.
+	binary.BigEndian.PutUint64(b[l2:], FlagCopied|h.RefcountTableOffset)
+	os.WriteFile(p, b, 0o644)
+	g, n := openQcow2(t, p, false, nil)
+	err := n.WriteAt(context.Background(), []byte("boom"), 0, 0)
+	if err == nil || !strings.Contains(err.Error(), "overlaps with refcount table") {
+		t.Fatalf("write over the refcount table: %v", err)
+	}
+	g.Close()
+	if after := mustRead(t, p); !bytes.Equal(after[h.RefcountTableOffset:h.RefcountTableOffset+8], b[h.RefcountTableOffset:h.RefcountTableOffset+8]) {
+		t.Fatal("refcount table overwritten")
+	}
+	if !strings.Contains(qemu(t, "qemu-img", "info", p), "corrupt: true") {
+		t.Fatal("not marked corrupt")
+	}
+}
