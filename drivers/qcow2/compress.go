@@ -26,8 +26,8 @@ var zstdEncoders = sync.Pool{New: func() any {
 }}
 
 // compress returns data compressed with the image's compression type, or
-// nil when that does not save at least one sector (QEMU then writes the
-// cluster uncompressed).
+// nil when it is not smaller than a cluster (QEMU then writes the cluster
+// uncompressed).
 func (img *image) compress(data []byte) ([]byte, error) {
 	var out []byte
 	switch img.compression {
@@ -54,7 +54,7 @@ func (img *image) compress(data []byte) ([]byte, error) {
 	default:
 		return nil, fmt.Errorf("qcow2: unknown compression type %d", img.compression)
 	}
-	if int64(len(out)) > img.cs-512 {
+	if int64(len(out)) >= img.cs {
 		return nil, nil
 	}
 	return out, nil

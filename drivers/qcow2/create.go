@@ -167,7 +167,7 @@ func format(ctx context.Context, log *slog.Logger, file, data *graph.Node, o *Cr
 	// Now an image of size 0 with an empty L1 table: open it in memory.
 	img := &image{
 		log: log, file: file, data: file, hdr: h, geo: g, cs: cs,
-		extData: data != nil, dataRaw: o.DataFileRaw, compression: h.CompressionType,
+		extData: data != nil, dataRaw: o.DataFileRaw, compression: h.CompressionType, v3: h.Version >= 3,
 		l1Dirty: map[int]bool{}, inflight: map[int64]*inflightAlloc{}, active: map[uint64]struct{}{},
 		rt:         make([]uint64, cs/8),
 		l2Slice:    cs,

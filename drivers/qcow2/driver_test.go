@@ -209,3 +209,47 @@ func TestReadBackingChain(t *testing.T) {
 		t.Fatalf("backing null: %#x %#x", got[0], got[1030<<10])
 	}
 }
+
+func TestBackingNames(t *testing.T) {
+	dir := t.TempDir()
+	base := makeQemuImage(t, dir, "base.qcow2", "", "1M", "write -P 0x42 0 1M")
+	// A json: backing file name.
+	top := filepath.Join(dir, "json.qcow2")
+	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+		`json:{"driver":"qcow2","file":{"driver":"file","filename":"`+base+`"}}`, top, "1M")
+	_, n := openQcow2(t, top, true, nil)
+	if got := readAll(t, n, 1<<20); got[100] != 0x42 {
+		t.Fatalf("json: backing: %#x", got[100])
+	}
+	// No backing format recorded: probed.
+	top2 := filepath.Join(dir, "probe.qcow2")
+	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", top2, "1M")
+	b := mustRead(t, top2)
+	h, err := ParseHeader(bytes.NewReader(b), int64(len(b)))
+	if err != nil || h.BackingFormat != "qcow2" {
+		t.Fatalf("%v %+v", err, h)
+	}
+	h.BackingFormat = ""
+	enc := h.Marshal()
+	copy(b, enc)
+	clear(b[len(enc):h.ClusterSize()])
+	if err := os.WriteFile(top2, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, n2 := openQcow2(t, top2, true, nil)
+	if got := readAll(t, n2, 1<<20); got[100] != 0x42 {
+		t.Fatalf("probed backing: %#x", got[100])
+	}
+	if b := n2.Child("backing"); b == nil || b.Node().DriverName() != "qcow2" {
+		t.Fatalf("backing child: %v", b)
+	}
+}
+
+func mustRead(t testing.TB, p string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}

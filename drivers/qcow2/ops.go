@@ -79,7 +79,7 @@ func (img *image) Discard(ctx context.Context, off, n int64) error {
 		// advisory: leave it alone.
 		return nil
 	}
-	zero := img.hdr.Version >= 3 && img.backing != nil
+	zero := img.v3 && img.backing != nil
 	for {
 		img.meta.Lock()
 		if w := img.waitRangeLocked(start, end-start); w != nil {
@@ -122,7 +122,7 @@ func (img *image) unmappedEntry(zero bool) L2Entry {
 // zero data. With may-unmap the host clusters are released; without it a
 // cluster the image owns stays allocated (a preallocated zero cluster).
 func (img *image) WriteZeroes(ctx context.Context, off, n int64, flags graph.ZeroFlags) error {
-	if img.hdr.Version < 3 || img.dataRaw {
+	if !img.v3 || img.dataRaw {
 		// No zero flag (v2), or the data file must hold real zeros.
 		return fmt.Errorf("qcow2: write zeroes: %w", graph.ErrNotSupported)
 	}
@@ -365,7 +365,7 @@ func (img *image) readsZero(ctx context.Context, off, n int64) bool {
 
 // writeZeroesInternal zeroes a range with resize already held.
 func (img *image) writeZeroesInternal(ctx context.Context, off, n int64) error {
-	if img.hdr.Version < 3 || img.dataRaw {
+	if !img.v3 || img.dataRaw {
 		return img.writeZeroData(ctx, off, n)
 	}
 	unit := img.geo.SubclusterSize()

@@ -108,6 +108,13 @@ type CreateOptions struct {
 	Compression   CompressionType `qapi:"compression-type,optional"`
 }
 
+// newOptions has QEMU's defaults: on Linux cache-clean-interval is 600
+// seconds.
+func newOptions() any {
+	interval := int64(600)
+	return &Options{CacheCleanInterval: &interval}
+}
+
 func newCreateOptions() any {
 	return &CreateOptions{Version: "v3", ClusterSize: 65536, Preallocation: "off", RefcountBits: 16, Compression: "zlib"}
 }
@@ -115,7 +122,7 @@ func newCreateOptions() any {
 func init() {
 	graph.Register(&graph.Driver{
 		Name:             "qcow2",
-		NewOptions:       func() any { return &Options{} },
+		NewOptions:       newOptions,
 		Open:             open,
 		NewCreateOptions: newCreateOptions,
 		Create:           create,

@@ -33,6 +33,7 @@ type image struct {
 	extData     bool  // external data file: host offset == guest offset, not refcounted
 	dataRaw     bool  // the data file must stay a valid raw image
 	compression uint8
+	v3          bool // version 3: zero clusters exist
 	lazy        bool // lazy refcounts in effect
 	passDiscard [3]bool
 
@@ -136,7 +137,7 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	img := &image{
 		log: oc.Logger(), gnode: oc.Node(), file: file, data: file, readOnly: oc.ReadOnly(),
 		hdr: h, geo: h.Geometry(), cs: h.ClusterSize(),
-		extData: h.ExternalData(), dataRaw: h.DataFileRaw(), compression: h.CompressionType,
+		extData: h.ExternalData(), dataRaw: h.DataFileRaw(), compression: h.CompressionType, v3: h.Version >= 3,
 		l1Dirty: map[int]bool{}, inflight: map[int64]*inflightAlloc{}, active: map[uint64]struct{}{},
 	}
 	if img.log == nil {
@@ -432,19 +433,7 @@ func (img *image) Close() error {
 		if img.corrupt {
 			return
 		}
-		err := img.syncLocked(ctx, true)
-		if err == nil && img.dirtySet {
-			err = img.file.Flush(ctx)
-			if err == nil {
-				h := *img.hdr
-				h.IncompatibleFeatures &^= IncompatDirty
-				err = img.writeHeaderLocked(ctx, &h)
-				if err == nil {
-					img.dirtySet = false
-					err = img.file.Flush(ctx)
-				}
-			}
-		}
+		err := img.closeMetadataLocked(ctx)
 		img.closeErr = err
 	})
 	return img.closeErr

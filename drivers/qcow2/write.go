@@ -96,6 +96,9 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		if e0.Offset()%cs != 0 {
 			return nil, nil, img.corruptfLocked(ctx, "Cluster allocation offset %#x unaligned (guest offset: %#x)", e0.Offset(), first*cs)
 		}
+		if what := img.overlapLocked(e0.Offset()); what != "" {
+			return nil, nil, img.corruptfLocked(ctx, "Preventing invalid write on metadata (overlaps with %s)", what)
+		}
 		p := &writePlan{inPlace: true, host: e0.Offset() + a0, length: b0 - a0}
 		for i := idx + 1; i < perSlice && p.length < n; i++ {
 			g := off + p.length
@@ -144,6 +147,9 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		}
 	case keep:
 		host = e0.Offset()
+		if what := img.overlapLocked(host); what != "" {
+			return nil, nil, img.corruptfLocked(ctx, "Preventing invalid write on metadata (overlaps with %s)", what)
+		}
 	default:
 		host, err = img.allocLocked(ctx, int64(len(p.clusters)))
 		if err != nil {
@@ -463,4 +469,23 @@ func (img *image) Flush(ctx context.Context) error {
 		return nil
 	}
 	return img.flushAll(ctx)
+}
+
+// overlapLocked names the metadata structure that the data cluster at
+// host would overwrite (QEMU's "constant" overlap checks: header, active
+// L1 table, refcount table), or "".
+func (img *image) overlapLocked(host int64) string {
+	if img.extData {
+		return ""
+	}
+	in := func(off, n int64) bool { return n > 0 && host+img.cs > off && host < off+n }
+	switch {
+	case in(0, img.cs):
+		return "qcow2_header"
+	case in(int64(img.hdr.L1TableOffset), int64(len(img.l1))*8):
+		return "active L1 table"
+	case in(int64(img.hdr.RefcountTableOffset), int64(img.hdr.RefcountTableClusters)*img.cs):
+		return "refcount table"
+	}
+	return ""
 }

@@ -74,7 +74,27 @@ func randomOps(t *testing.T, n *graph.Node, m *model, rng *rand.Rand, count int,
 			off = off / cs * cs
 			ln = min(cs*int64(1+rng.Intn(3)), size-off)
 		}
-		switch rng.Intn(10) {
+		switch rng.Intn(11) {
+		case 10:
+			if err := n.Discard(ctx, off, ln); err != nil {
+				t.Fatalf("discard %d+%d: %v", off, ln, err)
+			}
+			// What a discarded range reads is up to the format (zeros
+			// here, or the backing file's data in v2): take it from the
+			// image, but whole clusters without a backing file must read
+			// as zeros.
+			b := make([]byte, ln)
+			if err := n.ReadAt(ctx, b, off); err != nil {
+				t.Fatal(err)
+			}
+			if n.Child("backing") == nil && n.Common().Discard.Unmap() && !inst(t, n).dataRaw {
+				for c := (off + cs - 1) / cs * cs; c+cs <= off+ln; c += cs {
+					if !bytes.Equal(b[c-off:c-off+cs], make([]byte, cs)) {
+						t.Fatalf("discarded cluster at %d does not read as zeros", c)
+					}
+				}
+			}
+			m.write(off, b)
 		case 0:
 			if err := n.WriteZeroes(ctx, off, ln, graph.ZeroMayUnmap); err != nil {
 				t.Fatalf("write zeroes %d+%d: %v", off, ln, err)
