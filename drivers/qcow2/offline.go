@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"math/bits"
+	"syscall"
 
 	"blockbackend/graph"
 	"blockbackend/qmp/qapi"
@@ -31,8 +32,13 @@ func init() {
 }
 
 // offline runs fn on the quiesced image. With write, the node must be
-// writable and the driver reloads its state afterwards.
+// writable and the driver reloads its state afterwards; only a repair
+// (check with fix) may write to an image marked corrupt.
 func (img *image) offline(ctx context.Context, write bool, fn func(st Storage, h *Header) error) error {
+	return img.offlineMode(ctx, write, false, fn)
+}
+
+func (img *image) offlineMode(ctx context.Context, write, repair bool, fn func(st Storage, h *Header) error) error {
 	img.resize.Lock()
 	defer img.resize.Unlock()
 	img.meta.Lock()
@@ -40,7 +46,10 @@ func (img *image) offline(ctx context.Context, write bool, fn func(st Storage, h
 	if write && img.readOnly {
 		return graph.ErrReadOnly
 	}
-	if !img.readOnly {
+	if write && img.corrupt && !repair {
+		return fmt.Errorf("qcow2: image is marked corrupt: %w", syscall.EIO)
+	}
+	if !img.readOnly && !img.corrupt {
 		if err := img.syncLocked(ctx, true); err != nil {
 			return err
 		}
@@ -84,11 +93,15 @@ func (img *image) reloadLocked(ctx context.Context) error {
 	}
 	img.l2c.dropClean()
 	img.rbc.dropClean()
+	// The lazy-refcounts open option overrides the header until amend
+	// changes the header's bit.
+	if old := img.hdr.CompatibleFeatures & CompatLazyRefcounts; old != h.CompatibleFeatures&CompatLazyRefcounts || h.Version < 3 {
+		img.lazy = h.CompatibleFeatures&CompatLazyRefcounts != 0
+	}
 	img.hdr, img.l1, img.rt = h, l1, rt
 	img.l1Dirty = map[int]bool{}
 	img.geo = h.Geometry()
 	img.size.Store(int64(h.Size))
-	img.lazy = h.CompatibleFeatures&CompatLazyRefcounts != 0
 	img.dirtySet = h.IncompatibleFeatures&IncompatDirty != 0
 	img.corrupt = h.IncompatibleFeatures&IncompatCorrupt != 0
 	img.headerDone = false
@@ -100,7 +113,7 @@ func (img *image) reloadLocked(ctx context.Context) error {
 // Check is graph.Checker: qemu-img check [-r] on the image.
 func (img *image) Check(ctx context.Context, fix graph.CheckFix) (graph.CheckResult, error) {
 	var res graph.CheckResult
-	err := img.offline(ctx, fix != 0, func(st Storage, h *Header) error {
+	err := img.offlineMode(ctx, fix != 0, true, func(st Storage, h *Header) error {
 		var err error
 		res, err = checkImage(ctx, st, h, fix)
 		return err

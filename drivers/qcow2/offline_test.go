@@ -162,3 +162,27 @@ func TestMeasureDriver(t *testing.T) {
 		t.Errorf("overlay: got %+v, want %+v", got, want)
 	}
 }
+
+// TestInstanceRepairCorrupt: an image the driver marked corrupt is
+// repaired through Check and becomes writable again.
+func TestInstanceRepairCorrupt(t *testing.T) {
+	ctx := context.Background()
+	p := newImage(t, "", "16M", "write -P 1 0 64k")
+	_, n := openQcow2(t, p, false, nil)
+	img := n.Instance().(*image)
+	img.meta.Lock()
+	img.corruptfLocked(ctx, "test")
+	img.meta.Unlock()
+	if err := n.WriteAt(ctx, []byte{1}, 1<<20, 0); err == nil {
+		t.Fatal("write to a corrupt image succeeded")
+	}
+	if _, err := img.CreateSnapshot(ctx, graph.SnapshotInfo{Name: "x"}); err == nil {
+		t.Fatal("snapshot of a corrupt image succeeded")
+	}
+	if _, err := img.Check(ctx, graph.CheckFixLeaks|graph.CheckFixErrors); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, []byte{1}, 1<<20, 0); err != nil {
+		t.Fatalf("write after repair: %v", err)
+	}
+}
