@@ -186,3 +186,66 @@ func TestInstanceRepairCorrupt(t *testing.T) {
 		t.Fatalf("write after repair: %v", err)
 	}
 }
+
+// TestInstanceSnapshotsUnderLoad: snapshots are created and deleted
+// while writers run; every write lands, and qemu-img check is clean.
+func TestInstanceSnapshotsUnderLoad(t *testing.T) {
+	ctx := context.Background()
+	p := newImage(t, "cluster_size=4k", "8M")
+	g, n := openQcow2(t, p, false, nil)
+	s := n.Instance().(graph.Snapshotter)
+	const writers, region = 4, 2 << 20
+	last := make([]byte, writers)
+	done := make(chan error, writers)
+	stop := make(chan struct{})
+	for w := 0; w < writers; w++ {
+		go func(w int) {
+			for i := 1; ; i++ {
+				select {
+				case <-stop:
+					done <- nil
+					return
+				default:
+				}
+				pat := byte(i%250 + 1)
+				off := int64(w)*region + int64(i%8)*64<<10
+				if err := n.WriteAt(ctx, bytes.Repeat([]byte{pat}, 64<<10), off, 0); err != nil {
+					done <- err
+					return
+				}
+				if i%8 == 7 {
+					last[w] = pat // the whole region now ends in this round
+				}
+			}
+		}(w)
+	}
+	for i := 0; i < 10; i++ {
+		if _, err := s.CreateSnapshot(ctx, graph.SnapshotInfo{Name: fmt.Sprint("l", i)}); err != nil {
+			t.Fatal(err)
+		}
+		if i%3 == 2 {
+			if _, err := s.DeleteSnapshot(ctx, "", fmt.Sprint("l", i-1)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	close(stop)
+	for w := 0; w < writers; w++ {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	assertClean(t, p)
+	if got := len(snapshotNames(t, p)); got != 7 {
+		t.Fatalf("%d snapshots, want 7", got)
+	}
+	data := readAs(t, p, "")
+	for w := 0; w < writers; w++ {
+		if last[w] != 0 && data[int64(w)*region+7*64<<10] != last[w] {
+			t.Fatalf("writer %d: last write lost", w)
+		}
+	}
+}
