@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"context"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -220,4 +221,20 @@ func TestAmendOptionsDecode(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "cluster-size") {
 		t.Fatalf("unknown option: %v", err)
 	}
+}
+
+func TestAmendDataFileName(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "df.qcow2")
+	must(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(dir, "d.raw"), p, "4M")
+	qemuIO(t, p, "write -P 1 0 64k")
+	if err := os.Rename(filepath.Join(dir, "d.raw"), filepath.Join(dir, "e.raw")); err != nil {
+		t.Fatal(err)
+	}
+	mustAmend(t, p, AmendOptions{DataFile: ptr(filepath.Join(dir, "e.raw"))})
+	if v := infoField(t, p, "data file"); v != filepath.Join(dir, "e.raw") {
+		t.Fatalf("data file %q", v)
+	}
+	qemuIO(t, p, "read -P 1 0 64k")
+	assertClean(t, p)
 }
