@@ -80,7 +80,9 @@ func checkImage(ctx context.Context, st Storage, h *Header, fix graph.CheckFix) 
 	case c.rebuild && fix&graph.CheckFixErrors != 0:
 		c.msg("Rebuilding refcount structure")
 		fixedErrs := c.refErrs
-		if err := c.rebuildRefcounts(); err != nil {
+		// The new structures count the old ones too (as qemu-img does),
+		// which the pass below then frees as leaks, saying so.
+		if err := c.rebuildRefcounts(true); err != nil {
 			res.CheckErrors++
 			return res, err
 		}
@@ -576,12 +578,13 @@ func errText(err error) string {
 }
 
 // rebuildRefcounts writes a new refcount table and new refcount blocks
-// for the refcounts c.refs holds (computed without the old refcount
-// structures), behind the end of the file, then switches the header to
-// them. The old structures are simply no longer referenced. Until the
-// header is switched, the image is as it was.
-func (c *checker) rebuildRefcounts() error {
-	c.quiet, c.skipRefStructs = true, true
+// for the refcounts computed from the references (with keepOld, counting
+// the old refcount structures as in use, so that a later leak repair
+// frees them; without, they are simply no longer referenced), behind the
+// end of the file, then switches the header to them. Until the header is
+// switched, the image is as it was.
+func (c *checker) rebuildRefcounts(keepOld bool) error {
+	c.quiet, c.skipRefStructs = true, !keepOld
 	c.calculate()
 	c.quiet, c.skipRefStructs = false, false
 	return writeRefcounts(c.ctx, c.st, c.h, c.refs, c.nbClusters)
@@ -678,7 +681,7 @@ func rebuildRefcountStructure(ctx context.Context, st Storage, h *Header) error 
 	if err := c.load(); err != nil {
 		return err
 	}
-	if err := c.rebuildRefcounts(); err != nil {
+	if err := c.rebuildRefcounts(false); err != nil {
 		return err
 	}
 	if h.IncompatibleFeatures&IncompatDirty == 0 {

@@ -247,6 +247,9 @@ func TestCheckRepair(t *testing.T) {
 						res.LeaksFixed, res.CorruptionsFixed, q.LeaksFixed, q.CorruptionsFixed,
 						strings.Join(res.Messages, "\n"), strings.Join(q.Messages, "\n"))
 				}
+				if tc.repairable && !reflect.DeepEqual(res.Messages, q.Messages) {
+					t.Errorf("repair lines differ:\nours:\n%s\nqemu:\n%s", strings.Join(res.Messages, "\n"), strings.Join(q.Messages, "\n"))
+				}
 				after := runQemuCheck(t, p)
 				if mode.name == "all" && tc.repairable && (after.Corruptions != 0 || after.Leaks != 0 || after.CheckErrors != 0) {
 					t.Errorf("qemu-img check after our repair: %+v", after)
