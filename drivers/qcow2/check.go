@@ -210,6 +210,7 @@ func (c *checker) inc(off, size int64) {
 		}
 		if uint64(c.refs[k]) >= max || c.refs[k] == ^uint32(0) {
 			c.msg("ERROR: overflow cluster offset=%#x", k*c.cs)
+			c.msg("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing")
 			c.corruption()
 			continue
 		}

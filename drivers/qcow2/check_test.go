@@ -159,6 +159,12 @@ func checkCases() []checkCase {
 			v := peek64(t, p, off)
 			poke64(t, p, off, v&0xffffffff|uint64(0x10000000)<<32)
 		}), false},
+		{"refcount-overflow", damaged(func(t *testing.T) string {
+			return newImage(t, "refcount_bits=1", "16M", "write 0 128k")
+		}, func(t *testing.T, p string) {
+			off := l2EntryOffset(t, p, 0)
+			poke64(t, p, off+8, peek64(t, p, off))
+		}), false},
 		{"lazy-dirty", func(t *testing.T) string {
 			p := newImage(t, "lazy_refcounts=on", "10M")
 			// qemu-io aborts on purpose, leaving the image dirty.
