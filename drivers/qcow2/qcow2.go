@@ -280,7 +280,12 @@ func (img *image) relativeName(name string) string {
 	if p, _ := graph.ProtocolFor(name); p != nil {
 		return name
 	}
-	base := img.file.Filename()
+	// Not Node.Filename: that may walk the child's children under the
+	// graph lock, which the graph holds while we open.
+	base := ""
+	if f, ok := img.file.Instance().(graph.Filenamer); ok {
+		base = f.Filename()
+	}
 	if base == "" || strings.HasPrefix(base, "json:") {
 		return name
 	}

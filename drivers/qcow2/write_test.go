@@ -325,3 +325,80 @@ func TestConcurrentAllocation(t *testing.T) {
 		qemuCheck(t, p)
 	}
 }
+
+// Concurrent writes, zeroes, discards, flushes and reads, each goroutine
+// on its own clusters (so the expected contents are known) but all of
+// them sharing L2 tables, refcount blocks and the allocator.
+func TestConcurrentMixed(t *testing.T) {
+	dir := t.TempDir()
+	for ci, opts := range []map[string]any{{"cluster-size": 4096}, {"cluster-size": 16384, "extended-l2": true}, {"cluster-size": 1024, "refcount-bits": 2}} {
+		p := filepath.Join(dir, "m.qcow2")
+		const size = 4 << 20
+		createImage(t, p, size, opts)
+		cs := int64(opts["cluster-size"].(int))
+		g, n := openQcow2(t, p, false, map[string]any{"discard": "unmap", "l2-cache-size": 4 * cs, "refcount-cache-size": 2 * cs})
+		ctx := context.Background()
+		const workers = 6
+		models := make([][]byte, workers)
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			models[w] = make([]byte, size)
+			wg.Add(1)
+			go func(w int) {
+				defer wg.Done()
+				rng := rand.New(rand.NewSource(int64(ci*100 + w)))
+				m := models[w]
+				for i := 0; i < 150; i++ {
+					c := (rng.Int63n(size/cs/workers)*workers + int64(w)) * cs
+					a := rng.Int63n(cs/512) * 512
+					ln := cs - a
+					if rng.Intn(2) == 0 {
+						ln = (rng.Int63n((cs-a)/512) + 1) * 512
+					}
+					var err error
+					switch rng.Intn(8) {
+					case 0:
+						err = n.Discard(ctx, c, cs)
+						clear(m[c : c+cs])
+					case 1:
+						err = n.WriteZeroes(ctx, c+a, ln, graph.ZeroMayUnmap)
+						clear(m[c+a : c+a+ln])
+					case 2:
+						err = n.Flush(ctx)
+					case 3:
+						b := make([]byte, ln)
+						err = n.ReadAt(ctx, b, c+a)
+						if err == nil && !bytes.Equal(b, m[c+a:c+a+ln]) {
+							t.Errorf("worker %d: read %d+%d: %s", w, c+a, ln, firstDiff(b, m[c+a:c+a+ln]))
+							return
+						}
+					default:
+						b := make([]byte, ln)
+						rng.Read(b)
+						err = n.WriteAt(ctx, b, c+a, 0)
+						copy(m[c+a:], b)
+					}
+					if err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}(w)
+		}
+		wg.Wait()
+		if t.Failed() {
+			t.FailNow()
+		}
+		got := readAll(t, n, 1<<20)
+		for c := int64(0); c < size; c += cs {
+			w := int(c / cs % workers)
+			if !bytes.Equal(got[c:c+cs], models[w][c:c+cs]) {
+				t.Fatalf("%v: cluster at %d: %s", opts, c, firstDiff(got[c:c+cs], models[w][c:c+cs]))
+			}
+		}
+		if err := g.Close(); err != nil {
+			t.Fatal(err)
+		}
+		qemuCheck(t, p)
+	}
+}
