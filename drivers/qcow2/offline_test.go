@@ -132,6 +132,25 @@ func TestMeasureDriver(t *testing.T) {
 	if got != want {
 		t.Fatalf("got %+v, want %+v", got, want)
 	}
+	// Refusals in qemu-img measure's words.
+	for _, c := range []struct {
+		opts string
+		set  func(*CreateOptions)
+	}{
+		{"cluster_size=1000", func(o *CreateOptions) { o.ClusterSize = 1000 }},
+		{"refcount_bits=3", func(o *CreateOptions) { o.RefcountBits = 3 }},
+		{"compat=0.10,refcount_bits=8", func(o *CreateOptions) { o.Version = "v2"; o.RefcountBits = 8 }},
+		{"extended_l2=on,cluster_size=4k", func(o *CreateOptions) { o.ExtendedL2 = true; o.ClusterSize = 4096 }},
+	} {
+		o := d.NewCreateOptions().(*CreateOptions)
+		c.set(o)
+		_, err := measureImage(context.Background(), o, 1<<30, nil)
+		_, errs, code := run(t, "qemu-img", "measure", "-O", "qcow2", "-o", c.opts, "--size", "1G")
+		want := strings.TrimSpace(strings.TrimPrefix(errs, "qemu-img: "))
+		if code == 0 || err == nil || err.Error() != want {
+			t.Errorf("%s: got %v, want %q", c.opts, err, want)
+		}
+	}
 	// A qcow2 source with persistent bitmaps.
 	p := newImage(t, "", "1G", "write -P 1 0 3M", "write -z 5M 64k", "write 100M 64k")
 	must(t, "qemu-img", "bitmap", "--add", p, "b0")
