@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	"blockbackend/graph"
+	"blockbackend/qmp/qapi"
 )
 
 // measureParams are the create options that change the answer.
@@ -79,7 +80,7 @@ func (p measureParams) measure(ctx context.Context, size int64, src *graph.Node)
 		}
 	}
 	if size < 0 {
-		return res, fmt.Errorf("Invalid image size specified. Must be between 0 and 9223372036854775807.: %w", syscall.EINVAL)
+		return res, qapi.Errorf(qapi.GenericError, "Invalid image size specified. Must be between 0 and 9223372036854775807.")
 	}
 	meta := p.metadataSize(size)
 	res.FullyAllocated = meta + alignUp(size, cs)
