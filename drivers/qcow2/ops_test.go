@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -311,5 +313,35 @@ func TestOverlapMarksCorrupt(t *testing.T) {
 	}
 	if !strings.Contains(qemu(t, "qemu-img", "info", p), "corrupt: true") {
 		t.Fatal("not marked corrupt")
+	}
+}
+
+func TestAutoclearBitmaps(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "bm.qcow2")
+	if err := os.WriteFile(p, mustRead(t, "testdata/bm.qcow2"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g, n := openQcow2(t, p, false, nil)
+	if err := n.WriteAt(context.Background(), []byte("x"), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	g.Close()
+	b := mustRead(t, p)
+	h, err := ParseHeader(bytes.NewReader(b), int64(len(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// We do not keep the bitmaps up to date, so their bit goes (the spec's
+	// rule for autoclear features); the extension itself is preserved.
+	if h.AutoclearFeatures&AutoclearBitmaps != 0 || h.Bitmaps == nil {
+		t.Fatalf("autoclear %#x, bitmaps %+v", h.AutoclearFeatures, h.Bitmaps)
+	}
+	// QEMU then treats the bitmaps as inconsistent: their clusters show
+	// as leaks, nothing worse.
+	out, err := exec.Command(qemuTool(t, "qemu-img"), "check", p).CombinedOutput()
+	var ee *exec.ExitError
+	if err != nil && !(errors.As(err, &ee) && ee.ExitCode() == 3) || !strings.Contains(string(out), "lacking bitmap support") {
+		t.Fatalf("qemu-img check: %v\n%s", err, out)
 	}
 }

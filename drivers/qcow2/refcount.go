@@ -291,11 +291,15 @@ func (img *image) applyFreesLocked(ctx context.Context) error {
 // syncRefcounts makes the refcount increments in the cache stable; it is
 // the L2 cache's beforeWrite (an L2 entry may only reach the disk after
 // the refcount of the cluster it points to, and after the guest data it
-// maps). With lazy refcounts the dirty bit covers the refcounts instead,
-// and only the data is flushed.
+// maps). With lazy refcounts, once the dirty bit is on disk, refcounts may
+// lag behind (the next open repairs them): the blocks are written without
+// the flush, which is what lazy refcounts save.
 func (img *image) syncRefcounts(ctx context.Context) error {
 	if _, err := img.rbc.flush(ctx); err != nil {
 		return err
+	}
+	if img.lazy && img.dirtySet {
+		return nil
 	}
 	if err := img.file.Flush(ctx); err != nil {
 		return err
