@@ -22,7 +22,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	_ "blockbackend/drivers/file"
 	_ "blockbackend/drivers/raw"
@@ -568,17 +567,5 @@ func bbCreate(t *testing.T, img, fmtName string, opts map[string]any, children m
 	}
 	if err := g.Create(ctx, fmtName, opts); err != nil {
 		t.Fatalf("blockbackend: %s create %v: %v", fmtName, opts, err)
-	}
-}
-
-// waitExit waits for a process to exit (after kill -9, before its image
-// is checked).
-func waitExit(p *proc, d time.Duration) error {
-	select {
-	case err := <-p.done:
-		p.done <- err
-		return err
-	case <-time.After(d):
-		return fmt.Errorf("did not exit within %v", d)
 	}
 }
