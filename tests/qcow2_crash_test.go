@@ -83,9 +83,11 @@ func crashTrials(t *testing.T, bin string, trials int, budget time.Duration) {
 		}
 		c := crashConfigs[i%len(crashConfigs)]
 		seed := uint64(i + 1)
-		t.Run(fmt.Sprintf("trial=%d/%s/backing=%v", i, c.opts, c.backing), func(t *testing.T) {
+		if !t.Run(fmt.Sprintf("trial=%d/%s/backing=%v", i, c.opts, c.backing), func(t *testing.T) {
 			crashTrial(t, bin, c, seed)
-		})
+		}) {
+			return // one failure is enough to look at; the others would repeat it
+		}
 	}
 }
 
