@@ -13,7 +13,7 @@
 //     convert`, raw→qcow2, raw→qcow2 -c (zlib and zstd), qcow2→raw and
 //     compressed qcow2→raw, of data of mixed compressibility.
 //
-//     go run ./bench/qcow2 [-runs 5] [-time 3s] [-size 256M] [-convert-size 256M] [-jobs RE] [-backend PATH]
+//     go run ./bench/qcow2 [-runs 5] [-time 3s] [-size 1G] [-convert-size 256M] [-jobs RE] [-backend PATH]
 //
 // Every measurement starts its server afresh on a fresh copy of the
 // image (a write job on the "empty" image must find it empty), the two
