@@ -247,13 +247,15 @@ type builder struct {
 	models map[string]*model // by absolute image path
 	snaps  map[string]map[string]*model
 	fmts   map[string]string
+	// backingOf is each overlay's backing image (absolute path).
+	backingOf map[string]string
 	// cmds records every command run, for the report of what a case needs.
 	cmds []string
 }
 
 func newBuilder(t *testing.T) *builder {
 	return &builder{t: t, dir: t.TempDir(), models: map[string]*model{},
-		snaps: map[string]map[string]*model{}, fmts: map[string]string{}}
+		snaps: map[string]map[string]*model{}, fmts: map[string]string{}, backingOf: map[string]string{}}
 }
 
 func (b *builder) path(name string) string { return filepath.Join(b.dir, name) }
@@ -298,6 +300,9 @@ func (b *builder) create(name, fmtName string, opts string, size int64, backing,
 	}
 	b.models[p] = m
 	b.fmts[p] = fmtName
+	if backing != "" {
+		b.backingOf[p] = backingPath
+	}
 	return p
 }
 
