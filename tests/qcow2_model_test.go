@@ -94,7 +94,10 @@ type modelRun struct {
 	t       *testing.T
 	ctx     context.Context
 	c       modelConfig
+	img     string
+	g       *graph.Graph
 	n       *graph.Node
+	ss      graph.Snapshotter // nil when the node has no internal snapshots
 	m       *model
 	backing []byte
 	snaps   map[string]*model
@@ -162,23 +165,22 @@ func runModel(t *testing.T, c modelConfig, seed uint64) {
 		bbCreate(t, img, c.fmt, opts, nil)
 	}
 
-	g, n := bbOpen(t, img, c.fmt, false, map[string]any{"discard": "unmap"})
-	mr.n = n
-	ss, _ := n.Instance().(graph.Snapshotter)
-	if c.fmt == "qcow2" && ss == nil {
+	mr.img = img
+	mr.open()
+	if c.fmt == "qcow2" && mr.ss == nil {
 		t.Logf("the qcow2 node does not implement graph.Snapshotter: no snapshot steps")
 	}
 	mr.verify(0, c.size)
 
 	for step := 0; step < c.steps; step++ {
-		mr.step(r, ss)
+		mr.step(r)
 		if step%25 == 24 {
 			mr.verify(0, c.size)
 		}
 	}
 	mr.verify(0, c.size)
 	final := mr.m.clone()
-	bbClose(t, g)
+	bbClose(t, mr.g)
 
 	if c.fmt != "raw" {
 		requireCleanCheck(t, img, c.fmt)
@@ -200,7 +202,7 @@ func runModel(t *testing.T, c modelConfig, seed uint64) {
 		}
 	}
 	// Reopened, it reads the same.
-	g, n = bbOpen(t, img, c.fmt, true, nil)
+	g, n := bbOpen(t, img, c.fmt, true, nil)
 	if d := firstDiff(bbReadAll(t, n, mib), final.data); d != "" {
 		t.Fatalf("reopened, blockbackend reads: %s", d)
 	}
@@ -228,11 +230,35 @@ func (mr *modelRun) maxSnaps() int {
 	return min(4, 1<<bits-2)
 }
 
+// open opens the image writable, with discards passed down.
+func (mr *modelRun) open() {
+	mr.t.Helper()
+	mr.g, mr.n = bbOpen(mr.t, mr.img, mr.c.fmt, false, map[string]any{"discard": "unmap"})
+	mr.ss, _ = mr.n.Instance().(graph.Snapshotter)
+}
+
+// reopen closes the image, has qemu-img check it, and opens it again:
+// what the driver kept in its caches must have reached the file.
+func (mr *modelRun) reopen() {
+	mr.t.Helper()
+	mr.log = append(mr.log, "close, qemu-img check, reopen")
+	bbClose(mr.t, mr.g)
+	if mr.c.fmt != "raw" {
+		if r, out := qemuCheck(mr.t, mr.img, mr.c.fmt); r.Corruptions != 0 || r.Leaks != 0 || r.CheckErrors != 0 {
+			mr.fatalf("closed mid-sequence, qemu-img check finds %d corruptions, %d leaks, %d check errors:\n%s",
+				r.Corruptions, r.Leaks, r.CheckErrors, out)
+		}
+	}
+	mr.open()
+	mr.verify(0, mr.c.size)
+}
+
 // step does one random operation and checks its range (and a random
 // window elsewhere) against the model.
-func (mr *modelRun) step(r *rand.Rand, ss graph.Snapshotter) {
+func (mr *modelRun) step(r *rand.Rand) {
 	mr.t.Helper()
 	c := mr.c
+	ss := mr.ss
 	// Lengths up to three clusters (at most 256 KiB), offsets aligned to
 	// 512 mostly, sometimes byte-granular.
 	align := int64(512)
@@ -253,8 +279,10 @@ func (mr *modelRun) step(r *rand.Rand, ss graph.Snapshotter) {
 		kind = "zero-unmap"
 	case x < 72:
 		kind = "discard"
-	case x < 80:
+	case x < 78:
 		kind = "flush"
+	case x < 80:
+		kind = "reopen"
 	case x < 90:
 		kind = "parallel"
 	case ss != nil && x < 94 && len(mr.snaps) < mr.maxSnaps():
@@ -285,6 +313,8 @@ func (mr *modelRun) step(r *rand.Rand, ss graph.Snapshotter) {
 		if err := mr.n.Flush(mr.ctx); err != nil {
 			mr.fatalf("flush: %v", err)
 		}
+	case "reopen":
+		mr.reopen()
 	case "parallel":
 		mr.parallel(r)
 	case "snapshot-create":
