@@ -185,9 +185,20 @@ func interopCases() []interopCase {
 		add(opts, oneImage(opts, 4*mib, cl, sub, "wwwzud", uint64(600+cl/sub)))
 	}
 
-	// External data file.
-	add("data_file", oneImage("data_file=img.data", 4*mib, 65536, 512, "wwwzud", 700))
-	add("data_file,data_file_raw=on", oneImage("data_file=img.data,data_file_raw=on", 4*mib, 65536, 512, "wwwzud", 701))
+	// External data file, named by its absolute path: QEMU 7.2 resolves a
+	// relative data_file name against its working directory (at create
+	// and at open), not against the image's directory as for backing
+	// files, so a relative name would make the case depend on the cwd.
+	dataFile := func(extra string, seed uint64) func(*builder) string {
+		return func(b *builder) string {
+			// ",," is a comma inside a -o value (the case names have commas,
+			// and so have the test's directories).
+			name := strings.ReplaceAll(b.path("img.data"), ",", ",,")
+			return oneImage("data_file="+name+extra, 4*mib, 65536, 512, "wwwzud", seed)(b)
+		}
+	}
+	add("data_file", dataFile("", 700))
+	add("data_file,data_file_raw=on", dataFile(",data_file_raw=on", 701))
 	return cs
 }
 
