@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -108,7 +109,9 @@ type crashQueue struct {
 	ops     []*crashOp
 	durable int
 	flushes int
-	err     error
+	// early is the first request that failed before the kill: a
+	// backend that fails requests would otherwise pass trivially.
+	early error
 }
 
 // sectorData is the content a write gives a sector: a header naming the
@@ -171,6 +174,7 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 	var idMu sync.Mutex
 	nextID := uint64(1)
 	stop := make(chan struct{})
+	var killed atomic.Bool // set just before SIGKILL: later errors are the kill's
 	var wg sync.WaitGroup
 	for q := range qs {
 		qs[q] = &crashQueue{}
@@ -192,7 +196,11 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 					covered := len(cq.ops)
 					cq.mu.Unlock()
 					if err := f.Flush(q); err != nil {
-						cq.err = err
+						if !killed.Load() {
+							cq.mu.Lock()
+							cq.early = fmt.Errorf("flush: %w", err)
+							cq.mu.Unlock()
+						}
 						return
 					}
 					cq.mu.Lock()
@@ -233,7 +241,11 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 					err = f.Discard(q, off, n)
 				}
 				if err != nil {
-					cq.err = err
+					if !killed.Load() {
+						cq.mu.Lock()
+						cq.early = fmt.Errorf("request %c %d+%d: %w", op.kind, op.off, op.n, err)
+						cq.mu.Unlock()
+					}
 					return
 				}
 				cq.mu.Lock()
@@ -243,6 +255,7 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 		}()
 	}
 	time.Sleep(killAfter)
+	killed.Store(true)
 	p.kill()
 	close(stop)
 	// The workers blocked in a request wake only at the frontend's I/O
@@ -254,7 +267,11 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 	for i, cq := range qs {
 		cq.mu.Lock()
 		c := &crashQueue{ops: append([]*crashOp(nil), cq.ops...), durable: cq.durable, flushes: cq.flushes}
+		early := cq.early
 		cq.mu.Unlock()
+		if early != nil {
+			t.Fatalf("queue %d: a request failed before the kill: %v\n%s", i, early, p.stderr.String())
+		}
 		qs[i] = c
 		total += len(c.ops)
 		durable += c.durable
