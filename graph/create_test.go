@@ -51,7 +51,6 @@ func TestCreate(t *testing.T) {
 	}{
 		{"test-create", map[string]any{"file": "m", "size": 1, "bogus": 1}, "Parameter 'bogus' is unexpected"},
 		{"test-create", map[string]any{"size": 1}, "Parameter 'file' is missing"},
-		{"test-create", map[string]any{"file": "nope", "size": 1}, "Failed to find node with node-name='nope'"},
 		{"test-mem", map[string]any{"size": 1}, "Driver does not support blockdev-create"},
 		{"vmdk", map[string]any{}, "Driver 'vmdk' is not built into blockbackend yet (see the feature table in README.md)"},
 		{"nosuch", map[string]any{}, "Parameter 'driver' does not accept value 'nosuch'"},
