@@ -574,3 +574,76 @@ func bbCreate(t *testing.T, img, fmtName string, opts map[string]any, children m
 		t.Fatalf("blockbackend: %s create %v: %v", fmtName, opts, err)
 	}
 }
+
+// allocMap is, per 512-byte sector, whether the top image itself decides
+// the contents (QEMU's block status "allocated": data, zero or
+// compressed clusters of this layer, as opposed to falling through to the
+// backing file or being unallocated).
+type allocMap []bool
+
+// qemuAllocMap is qemu-img map's view: entries "present" at depth 0.
+func qemuAllocMap(t *testing.T, img, fmtName string, size int64) allocMap {
+	t.Helper()
+	out := qemu(t, "qemu-img", "map", "--output=json", "-f", fmtName, img)
+	var ext []struct {
+		Start, Length int64
+		Depth         int
+		Present       bool
+	}
+	if err := json.Unmarshal([]byte(out), &ext); err != nil {
+		t.Fatalf("qemu-img map: %v\n%s", err, out)
+	}
+	m := make(allocMap, size/512)
+	for _, e := range ext {
+		if e.Present && e.Depth == 0 {
+			for s := e.Start / 512; s < (e.Start+e.Length)/512 && s < int64(len(m)); s++ {
+				m[s] = true
+			}
+		}
+	}
+	return m
+}
+
+// bbAllocMap walks blockbackend's block status over the node and checks
+// on the way that every extent reported as zero reads as zeros in ref.
+func bbAllocMap(t *testing.T, n *graph.Node, ref []byte) allocMap {
+	t.Helper()
+	ctx := context.Background()
+	size := n.SizeNow()
+	m := make(allocMap, size/512)
+	for off := int64(0); off < size; {
+		ext, err := n.BlockStatus(ctx, off, size-off)
+		if err != nil {
+			t.Fatalf("blockbackend: block status at %d: %v", off, err)
+		}
+		if ext.Status&graph.StatusZero != 0 {
+			for i := off; i < off+ext.Length; i++ {
+				if ref[i] != 0 {
+					t.Fatalf("blockbackend: block status says %d+%d reads as zeros, but byte %#x is %#02x", off, ext.Length, i, ref[i])
+				}
+			}
+		}
+		if ext.Status&graph.StatusAllocated != 0 {
+			for s := off / 512; s < (off+ext.Length+511)/512 && s < int64(len(m)); s++ {
+				m[s] = true
+			}
+		}
+		off += ext.Length
+	}
+	return m
+}
+
+// allocDiff describes the first sector where two maps disagree, or "".
+func allocDiff(ours, theirs allocMap) string {
+	for s := range theirs {
+		if s >= len(ours) || ours[s] != theirs[s] {
+			e := s
+			for e < len(theirs) && e < len(ours) && ours[e] != theirs[e] {
+				e++
+			}
+			return fmt.Sprintf("sector %d (byte %#x): blockbackend says allocated=%v, qemu-img map says %v (%d sectors differ from there)",
+				s, int64(s)*512, s < len(ours) && ours[s], theirs[s], e-s)
+		}
+	}
+	return ""
+}

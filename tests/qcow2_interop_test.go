@@ -244,6 +244,13 @@ func checkInteropRead(t *testing.T, b *builder, img, f string, write bool) {
 		t.Fatalf("blockbackend reads %s in 4.5 KiB chunks differently: %s", img, firstDiff(got, ref))
 	}
 	bbSpotReads(t, n, ref, 1, 300, 300<<10)
+	if f == "qcow2" {
+		// img map and NBD block status depend on it: which parts this
+		// image allocates must agree with qemu-img map.
+		if d := allocDiff(bbAllocMap(t, n, ref), qemuAllocMap(t, img, f, int64(len(ref)))); d != "" {
+			t.Fatalf("block status of %s: %s", img, d)
+		}
+	}
 	if len(snapRef) > 0 {
 		ss, ok := n.Instance().(graph.Snapshotter)
 		if !ok {
