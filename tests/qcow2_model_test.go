@@ -116,11 +116,14 @@ func (mr *modelRun) fatalf(format string, a ...any) {
 	mr.t.Fatalf("%s\nlast steps:\n  %s", fmt.Sprintf(format, a...), strings.Join(last, "\n  "))
 }
 
+// size is the image's current size (the model's).
+func (mr *modelRun) size() int64 { return int64(len(mr.m.data)) }
+
 // verify compares [off, off+n) read through blockbackend with the model.
 func (mr *modelRun) verify(off, n int64) {
 	mr.t.Helper()
 	off = max(off, 0)
-	n = min(n, mr.c.size-off)
+	n = min(n, mr.size()-off)
 	if n <= 0 {
 		return
 	}
@@ -179,15 +182,15 @@ func runModel(t *testing.T, c modelConfig, seed uint64) {
 	if c.fmt == "qcow2" && mr.ss == nil {
 		t.Logf("the qcow2 node does not implement graph.Snapshotter: no snapshot steps")
 	}
-	mr.verify(0, c.size)
+	mr.verify(0, mr.size())
 
 	for step := 0; step < c.steps; step++ {
 		mr.step(r)
 		if step%25 == 24 {
-			mr.verify(0, c.size)
+			mr.verify(0, mr.size())
 		}
 	}
-	mr.verify(0, c.size)
+	mr.verify(0, mr.size())
 	final := mr.m.clone()
 	bbClose(t, mr.g)
 
@@ -289,7 +292,7 @@ func (mr *modelRun) reopen() {
 		}
 	}
 	mr.open()
-	mr.verify(0, mr.c.size)
+	mr.verify(0, mr.size())
 }
 
 // step does one random operation and checks its range (and a random
@@ -306,7 +309,7 @@ func (mr *modelRun) step(r *rand.Rand) {
 	}
 	maxLen := min(3*c.cluster, 256<<10)
 	length := (1 + r.Int64N(maxLen/align)) * align
-	off := r.Int64N((c.size-length)/align+1) * align
+	off := r.Int64N((mr.size()-length)/align+1) * align
 	// Snapshot steps only once in a while, and never more than 4 at once.
 	kind := "write"
 	switch x := r.IntN(100); {
@@ -322,6 +325,8 @@ func (mr *modelRun) step(r *rand.Rand) {
 		kind = "flush"
 	case x < 80:
 		kind = "reopen"
+	case x < 82:
+		kind = "resize"
 	case x < 90:
 		kind = "parallel"
 	case ss != nil && x < 94 && len(mr.snaps) < mr.maxSnaps():
@@ -354,6 +359,22 @@ func (mr *modelRun) step(r *rand.Rand) {
 		}
 	case "reopen":
 		mr.reopen()
+	case "resize":
+		// Between 1 and 3 MiB. QEMU's truncate makes a grown area read
+		// as zeros even where a longer backing file has data (it
+		// writes zeroes there), and an internal snapshot keeps its own
+		// size: resizing with snapshots is allowed (qcow2 v3).
+		newSize := mib + r.Int64N(2*mib/512+1)*512
+		mr.log = append(mr.log, fmt.Sprintf("resize %d -> %d", mr.size(), newSize))
+		if err := mr.g.Resize(mr.ctx, mr.n, newSize); err != nil {
+			mr.fatalf("resize to %d: %v", newSize, err)
+		}
+		mr.m = mr.m.resized(newSize)
+		if got := mr.n.SizeNow(); got != newSize {
+			mr.fatalf("after resize to %d the node's size is %d", newSize, got)
+		}
+		mr.verify(0, newSize)
+		return
 	case "parallel":
 		mr.parallel(r)
 	case "snapshot-create":
@@ -381,7 +402,15 @@ func (mr *modelRun) step(r *rand.Rand) {
 				mr.fatalf("ApplySnapshot %s: %v", name, err)
 			}
 			mr.m = mr.snaps[name].clone()
-			mr.verify(0, c.size)
+			// Applying a snapshot restores its size (the caller, like
+			// QEMU's block layer, then refreshes the node's).
+			if err := mr.n.RefreshSize(); err != nil {
+				mr.fatalf("refresh size after applying %s: %v", name, err)
+			}
+			if got := mr.n.SizeNow(); got != mr.size() {
+				mr.fatalf("after applying snapshot %s the size is %d, want the snapshot's %d", name, got, mr.size())
+			}
+			mr.verify(0, mr.size())
 		} else {
 			if _, err := ss.DeleteSnapshot(mr.ctx, "", name); err != nil {
 				mr.fatalf("DeleteSnapshot %s: %v", name, err)
@@ -397,7 +426,7 @@ func (mr *modelRun) step(r *rand.Rand) {
 		}
 	}
 	// A random window elsewhere: nothing else changed.
-	w := r.Int64N(c.size)
+	w := r.Int64N(mr.size())
 	mr.verify(w, 64<<10)
 }
 
@@ -407,8 +436,8 @@ func (mr *modelRun) step(r *rand.Rand) {
 func (mr *modelRun) parallel(r *rand.Rand) {
 	mr.t.Helper()
 	c := mr.c
-	span := min(4*c.cluster, c.size)
-	base := r.Int64N((c.size-span)/512+1) * 512
+	span := min(4*c.cluster, mr.size())
+	base := r.Int64N((mr.size()-span)/512+1) * 512
 	const k = 8
 	piece := max(span/k/512*512, 512)
 	type w struct {
