@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -277,6 +278,9 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 		durable += c.durable
 		flushes += c.flushes
 	}
+	if s := p.stderr.String(); strings.Contains(s, "DATA RACE") || strings.Contains(s, "panic:") {
+		t.Errorf("the daemon's stderr shows a race or a panic before the kill:\n%s", s)
+	}
 	t.Logf("killed after %v: %d requests, %d flushes, %d requests covered by a completed flush", killAfter, total, flushes, durable)
 	if flushes == 0 {
 		t.Logf("no flush completed before the kill: only the image's consistency is checked")
@@ -287,6 +291,9 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 		// open repairs it (QEMU does the same), then a clean shutdown.
 		p2 := startDaemon(t, bin, sock, daemonArgs...)
 		p2.term(t)
+		if s := p2.stderr.String(); strings.Contains(s, "DATA RACE") || strings.Contains(s, "panic:") {
+			t.Errorf("the daemon's stderr shows a race or a panic while repairing:\n%s", s)
+		}
 	}
 	res, out := qemuCheck(t, img, "qcow2")
 	if res.Corruptions != 0 || res.CheckErrors != 0 {
