@@ -593,4 +593,19 @@ func checkCreate(t *testing.T, tc createCase, seed uint64) {
 		t.Fatalf("blockbackend reopened reads: %s", d)
 	}
 	bbClose(t, g)
+
+	// QEMU carries on where blockbackend stopped: its allocations in our
+	// metadata (refcount blocks, free space, L2 tables) stay consistent.
+	m = newModel(newSize)
+	m.set(0, got)
+	var args []string
+	for _, o := range scatter(r.Uint64(), newSize, 30, "wwwzu", 512, 128<<10, tc.cluster) {
+		args = append(args, "-c", o.command())
+		o.apply(m)
+	}
+	qemu(t, "qemu-io", append(append([]string{"-f", "qcow2"}, args...), img)...)
+	requireCleanCheck(t, img, "qcow2")
+	if d := m.mismatch(qemuRaw(t, img, "qcow2", "")); d != "" {
+		t.Fatalf("after qemu-io wrote to our image, qemu-img reads: %s", d)
+	}
 }
