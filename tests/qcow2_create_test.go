@@ -20,7 +20,7 @@ func TestQcow2CreateErrors(t *testing.T) {
 	defer bbClose(t, g)
 	for _, f := range []struct{ node, path string }{{"f", "x.qcow2"}, {"df", "x.data"}} {
 		p := filepath.Join(dir, f.path)
-		if err := g.Create(ctx, "file", map[string]any{"filename": p, "size": 0}); err != nil {
+		if err := bbCreateWith(ctx, g, "file", map[string]any{"filename": p, "size": 0}); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := g.Add(ctx, map[string]any{"driver": "file", "node-name": f.node, "filename": p}, qapi.JSON); err != nil {
@@ -57,7 +57,7 @@ func TestQcow2CreateErrors(t *testing.T) {
 		for k, v := range tc.opts {
 			opts[k] = v
 		}
-		err := g.Create(ctx, "qcow2", opts)
+		err := bbCreateWith(ctx, g, "qcow2", opts)
 		if err == nil || err.Error() != tc.want {
 			t.Errorf("create %v: %v, want %q", tc.opts, err, tc.want)
 		}

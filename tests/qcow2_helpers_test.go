@@ -546,6 +546,18 @@ func bbSpotReads(t *testing.T, n *graph.Node, ref []byte, seed uint64, count int
 	}
 }
 
+// bbCreateWith runs driver's Create with opts (BlockdevCreateOptions
+// without "driver") the way blockdev-create does, without the job.
+func bbCreateWith(ctx context.Context, g *graph.Graph, driver string, opts map[string]any) error {
+	o := qapi.Clone(opts)
+	o["driver"] = driver
+	run, err := g.PrepareCreate(o, qapi.JSON, "")
+	if err != nil {
+		return err
+	}
+	return run(ctx)
+}
+
 // bbCreate makes an image through the driver's Create, as blockdev-create
 // does: the file is created by the file driver, opened as a protocol node,
 // and formatted by the format driver, which names that node as its
@@ -557,7 +569,7 @@ func bbCreate(t *testing.T, img, fmtName string, opts map[string]any, children m
 	g := graph.New(nil)
 	defer bbClose(t, g)
 	mk := func(member, path string) {
-		if err := g.Create(ctx, "file", map[string]any{"filename": path, "size": 0}); err != nil {
+		if err := bbCreateWith(ctx, g, "file", map[string]any{"filename": path, "size": 0}); err != nil {
 			t.Fatalf("blockbackend: creating %s: %v", path, err)
 		}
 		node := "create-" + member
@@ -570,7 +582,7 @@ func bbCreate(t *testing.T, img, fmtName string, opts map[string]any, children m
 	for member, path := range children {
 		mk(member, path)
 	}
-	if err := g.Create(ctx, fmtName, opts); err != nil {
+	if err := bbCreateWith(ctx, g, fmtName, opts); err != nil {
 		t.Fatalf("blockbackend: %s create %v: %v", fmtName, opts, err)
 	}
 }

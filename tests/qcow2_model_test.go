@@ -146,7 +146,7 @@ func runModel(t *testing.T, c modelConfig, seed uint64) {
 	switch c.fmt {
 	case "raw":
 		g := graph.New(nil)
-		if err := g.Create(ctx, "file", map[string]any{"filename": img, "size": c.size}); err != nil {
+		if err := bbCreateWith(ctx, g, "file", map[string]any{"filename": img, "size": c.size}); err != nil {
 			t.Fatal(err)
 		}
 		bbClose(t, g)
