@@ -2,21 +2,39 @@ package tests
 
 // The qcow2 interop matrix, both directions, with the real QEMU tools:
 //
-//   - TestIntegrationQcow2InteropRead: images that qemu-img create/convert and qemu-io
-//     write, one option combination per case, read through blockbackend
-//     byte-identically to qemu-img convert -O raw; then opened writable
+//   - TestIntegrationQcow2InteropRead: images that qemu-img create/convert
+//     and qemu-io write, one option combination per case, read through
+//     blockbackend byte-identically to qemu-img convert -O raw, with block
+//     status agreeing with qemu-img map; then opened writable
 //     (a dirty lazy-refcounts image is repaired), written through
 //     blockbackend, and checked by qemu-img check and convert again;
 //     internal snapshots applied through blockbackend on a copy.
-//   - TestIntegrationQcow2InteropCreate: images that blockbackend creates (through
-//     the driver's Create, as blockdev-create) and writes pass qemu-img
-//     check with no errors and no leaks, show the requested options in
-//     qemu-img info, and qemu-img compare equals a raw image of the data
-//     written.
+//   - TestIntegrationQcow2InteropCreate: images that blockbackend creates
+//     (through the driver's Create, as blockdev-create) and writes pass
+//     qemu-img check with no errors and no leaks, show the requested
+//     options in qemu-img info, and qemu-img compare equals a raw image of
+//     the data written; then qemu-io writes more and check stays clean.
 //
 // Every case first checks QEMU's own view against the test's model of
 // the data, so that a wrong expectation shows as a harness failure, not
-// as a blockbackend bug.
+// as a blockbackend bug. Each case logs the commands that made it (go
+// test -v). What QEMU 7.2's tools need, found while writing the cases:
+//
+//   - qemu-io -c "write -c ..." (compressed) takes exactly one whole
+//     cluster that nothing has touched yet (else EIO); write -z on compat
+//     0.10 deallocates; "-c abort" leaves a lazy-refcounts image dirty.
+//   - refcount_bits other than 16, lazy_refcounts, extended_l2, zstd and
+//     data_file need compat=1.1; extended_l2 needs cluster_size >= 16k.
+//   - A json: backing name needs -F (qemu-img create refuses a backing
+//     file without a format); qemu-img create with -b and no size takes
+//     the backing file's size.
+//   - A relative data_file name is resolved against the working
+//     directory (at create and at open), unlike a backing name; a comma
+//     in a -o value is written ",,".
+//   - Compressed clusters share host clusters: with refcount_bits=2,
+//     qemu-img snapshot -c then fails with EINVAL (refcount overflow).
+//   - Writing to an image with bitmaps while clearing the bitmaps
+//     autoclear bit makes QEMU report their clusters as leaks.
 
 import (
 	"context"
