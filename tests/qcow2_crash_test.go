@@ -310,6 +310,16 @@ func crashTrial(t *testing.T, bin string, c crashConfig, seed uint64) {
 			t.Fatalf("queue %d (bytes %d..%d): %v", q, int64(q)*region, int64(q+1)*region, err)
 		}
 	}
+	if bin == binary {
+		// And blockbackend reads the crashed image (leaks and all) as
+		// qemu-img does.
+		needDriver(t, "qcow2")
+		g, n := bbOpen(t, img, "qcow2", true, nil)
+		if d := firstDiff(bbReadAll(t, n, mib), data); d != "" {
+			t.Fatalf("blockbackend reads the crashed image differently from qemu-img: %s", d)
+		}
+		bbClose(t, g)
+	}
 }
 
 // checkCrashRegion checks every sector of one worker's region: it must
