@@ -30,6 +30,7 @@ const version = "0.1.0"
 const usage = `Usage: blockbackend [options]
        blockbackend demo [--dir DIR]
        blockbackend qmp --socket PATH COMMAND [JSON-ARGUMENTS]
+       blockbackend img COMMAND [OPTIONS]   (qemu-img's commands; img --help)
 blockbackend serves QEMU's block layer out of process: a drop-in for
 qemu-storage-daemon, driven over QMP.
 
