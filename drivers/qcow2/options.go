@@ -127,6 +127,8 @@ func init() {
 		NewCreateOptions: newCreateOptions,
 		Create:           create,
 		Probe:            probe,
+		NewAmendOptions:  newAmendOptions,
+		Measure:          measureImage,
 	})
 }
 
