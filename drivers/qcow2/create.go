@@ -44,6 +44,9 @@ func validateCreate(o *CreateOptions, hasData bool) error {
 	if o.Encrypt != nil {
 		return e("qcow2 encryption (encrypt.*) is not built into blockbackend yet")
 	}
+	if o.Size%512 != 0 {
+		return e("Image size must be a multiple of 512 bytes")
+	}
 	v3 := o.Version != "v2"
 	if !v3 {
 		switch {
@@ -91,7 +94,7 @@ func format(ctx context.Context, log *slog.Logger, file, data *graph.Node, o *Cr
 	if err := validateCreate(o, data != nil); err != nil {
 		return err
 	}
-	size := (int64(o.Size) + 511) / 512 * 512
+	size := int64(o.Size)
 	cs := int64(o.ClusterSize)
 	cb := uint32(bits.TrailingZeros64(uint64(cs)))
 	h := &Header{Version: 3, ClusterBits: cb, RefcountOrder: uint32(bits.TrailingZeros64(uint64(o.RefcountBits)))}
