@@ -79,6 +79,12 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		return nil, nil, err
 	}
 	perSlice := int(img.l2Slice / img.geo.L2EntrySize())
+	if s == nil {
+		// No L2 table: the plan must still stop at the end of the slice
+		// off falls in (l2SliceLocked gives no index then), or it would
+		// run into the next table's entries taking them as unallocated.
+		idx = img.geo.L2Index(off) % perSlice
+	}
 	entry := func(i int) L2Entry {
 		if s == nil {
 			return L2Entry{}

@@ -402,3 +402,36 @@ func TestConcurrentMixed(t *testing.T) {
 		qemuCheck(t, p)
 	}
 }
+
+// TestWriteIntoMissingL2BeforeAllocatedOne: a write that starts in the
+// range of an L2 table that does not exist yet and runs into the range of
+// one that does must not take the second table's entries as unallocated
+// (they were overwritten without being released: leaked clusters).
+func TestWriteIntoMissingL2BeforeAllocatedOne(t *testing.T) {
+	ctx := context.Background()
+	p := filepath.Join(t.TempDir(), "img.qcow2")
+	const cs = 512
+	span := int64(cs / 8 * cs) // guest bytes per L2 table
+	createImage(t, p, 4*span, map[string]any{"cluster-size": cs})
+	g, n := openQcow2(t, p, false, nil)
+	want := make([]byte, 4*span)
+	// The second table's range: allocated.
+	first := bytes.Repeat([]byte{1}, int(span))
+	if err := n.WriteAt(ctx, first, span, 0); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[span:], first)
+	// From the end of the first (missing) table into the second.
+	over := bytes.Repeat([]byte{2}, 8*cs)
+	if err := n.WriteAt(ctx, over, span-4*cs, 0); err != nil {
+		t.Fatal(err)
+	}
+	copy(want[span-4*cs:], over)
+	if got := readAll(t, n, span); !bytes.Equal(got, want) {
+		t.Fatalf("reads back: %s", firstDiff(got, want))
+	}
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, p)
+}
