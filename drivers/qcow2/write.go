@@ -115,6 +115,12 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 			}
 			p.length += b
 		}
+		// A host cluster may reach past the end of the file (QEMU writes
+		// only the subclusters it allocates, and reads past the end as
+		// zeros): the file grows before a write there.
+		if err := img.growFileLocked(ctx, img.data, p.host+p.length); err != nil {
+			return nil, nil, err
+		}
 		return p, nil, nil
 	}
 
@@ -155,6 +161,10 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		host = e0.Offset()
 		if what := img.overlapLocked(host); what != "" {
 			return nil, nil, img.corruptfLocked(ctx, "Preventing invalid write on metadata (overlaps with %s)", what)
+		}
+		// As for in-place writes: the kept cluster may end past the file.
+		if err := img.growFileLocked(ctx, img.data, host+cs); err != nil {
+			return nil, nil, err
 		}
 	default:
 		host, err = img.allocLocked(ctx, int64(len(p.clusters)))

@@ -435,3 +435,33 @@ func TestWriteIntoMissingL2BeforeAllocatedOne(t *testing.T) {
 	}
 	qemuCheck(t, p)
 }
+
+// TestWriteSubclusterPastFileEnd: with extended L2 entries QEMU allocates
+// a host cluster but writes only the subclusters it needs, so the file may
+// end inside the cluster; writing (or zeroing part of) another subcluster
+// there grows the file first.
+func TestWriteSubclusterPastFileEnd(t *testing.T) {
+	ctx := context.Background()
+	p := makeQemuImage(t, t.TempDir(), "img.qcow2", "extended_l2=on,cluster_size=2M", "4M", "write -P 0x11 0 64k")
+	g, n := openQcow2(t, p, false, nil)
+	want := make([]byte, 4<<20)
+	copy(want, bytes.Repeat([]byte{0x11}, 64<<10))
+	data := bytes.Repeat([]byte{0x22}, 64<<10)
+	if err := n.WriteAt(ctx, data, 1<<20, 0); err != nil {
+		t.Fatalf("write past the file's end inside a cluster: %v", err)
+	}
+	copy(want[1<<20:], data)
+	if err := n.WriteZeroes(ctx, 1<<20+(64<<10)+1000, 70000, 0); err != nil {
+		t.Fatalf("write zeroes past the file's end inside a cluster: %v", err)
+	}
+	if got := readAll(t, n, 1<<20); !bytes.Equal(got, want) {
+		t.Fatalf("reads back: %s", firstDiff(got, want))
+	}
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, p)
+	if got := qemuRaw(t, p); !bytes.Equal(got, want) {
+		t.Fatalf("qemu-img reads: %s", firstDiff(got, want))
+	}
+}
