@@ -17,6 +17,7 @@ package qcow2
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"syscall"
 	"time"
@@ -91,6 +92,41 @@ func nextSnapshotID(snaps []Snapshot) string {
 // addTreeRefs adds delta to the refcount of every L2 table the L1 table
 // l1 references and of every cluster those tables reference.
 func addTreeRefs(m *metaEditor, l1 []uint64, delta int) error {
+	return walkTree(m, l1, func(off, n int64) error { return m.addRef(off, n, delta) })
+}
+
+// treeDeltas adds delta, per host cluster index, to d for every reference
+// the L1 table l1 holds (as addTreeRefs counts them), changing nothing.
+func treeDeltas(m *metaEditor, l1 []uint64, delta int, d map[int64]int) error {
+	return walkTree(m, l1, func(off, n int64) error {
+		for k := off / m.cs; k <= (off+n-1)/m.cs; k++ {
+			d[k] += delta
+		}
+		return nil
+	})
+}
+
+// applyDeltas applies the positive (up) or the negative (!up) deltas of d.
+func applyDeltas(m *metaEditor, d map[int64]int, up bool) error {
+	ks := make([]int64, 0, len(d))
+	for k, v := range d {
+		if (v > 0) == up && v != 0 {
+			ks = append(ks, k)
+		}
+	}
+	slices.Sort(ks)
+	for _, k := range ks {
+		if err := m.addRef(k*m.cs, m.cs, d[k]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// walkTree calls ref for every L2 table the L1 table l1 references and
+// for every host range those tables reference, after checking that each
+// lies inside the file.
+func walkTree(m *metaEditor, l1 []uint64, ref func(off, n int64) error) error {
 	fileSize, err := m.st.Size()
 	if err != nil {
 		return err
@@ -105,7 +141,7 @@ func addTreeRefs(m *metaEditor, l1 []uint64, delta int) error {
 		if err := inside(l2, m.cs); err != nil {
 			return err
 		}
-		if err := m.addRef(l2, m.cs, delta); err != nil {
+		if err := ref(l2, m.cs); err != nil {
 			return err
 		}
 		if err := m.st.ReadAt(m.ctx, table, l2); err != nil {
@@ -119,7 +155,7 @@ func addTreeRefs(m *metaEditor, l1 []uint64, delta int) error {
 				if err := inside(host&^511, n+host&511); err != nil {
 					return err
 				}
-				if err := m.addRef(host&^511, n+host&511, delta); err != nil {
+				if err := ref(host&^511, n+host&511); err != nil {
 					return err
 				}
 			case ClusterNormal, ClusterZeroAlloc:
@@ -129,7 +165,7 @@ func addTreeRefs(m *metaEditor, l1 []uint64, delta int) error {
 				if err := inside(le.Offset(), m.cs); err != nil {
 					return err
 				}
-				if err := m.addRef(le.Offset(), m.cs, delta); err != nil {
+				if err := ref(le.Offset(), m.cs); err != nil {
 					return err
 				}
 			}
@@ -371,8 +407,19 @@ func applySnapshot(ctx context.Context, st Storage, h *Header, id, name string) 
 	}
 	// 1. Count the new active table's references, write it to new
 	// clusters; everything it reaches is shared with the snapshot, so
-	// no COPIED flag.
-	if err := addTreeRefs(m, snapL1, +1); err != nil {
+	// no COPIED flag. Only the net change is applied (what both states
+	// reference keeps its refcount): a cluster the snapshot, the old
+	// active state and another snapshot share is already at 3, the most
+	// refcount_bits=2 holds, and stays there. Net increments now, before
+	// the switch; net decrements after it.
+	deltas := map[int64]int{}
+	if err := treeDeltas(m, snapL1, +1, deltas); err != nil {
+		return err
+	}
+	if err := treeDeltas(m, oldL1, -1, deltas); err != nil {
+		return err
+	}
+	if err := applyDeltas(m, deltas, true); err != nil {
 		return err
 	}
 	newL1 := make([]uint64, newSize)
@@ -402,7 +449,7 @@ func applySnapshot(ctx context.Context, st Storage, h *Header, id, name string) 
 	}
 	h.Size, h.L1Size, h.L1TableOffset = diskSize, uint32(newSize), uint64(newOff)
 	// 3. Drop the old active state.
-	if err := addTreeRefs(m, oldL1, -1); err != nil {
+	if err := applyDeltas(m, deltas, false); err != nil {
 		return err
 	}
 	if oldSize > 0 {
