@@ -376,6 +376,11 @@ func (img *image) applyFreesLocked(ctx context.Context) error {
 		return nil
 	}
 	oldest := img.oldestActiveLocked()
+	// Freed compressed data may come back with other contents under the
+	// same entry value: forget what was inflated.
+	img.dcMu.Lock()
+	img.dc = [4]decompressedCluster{}
+	img.dcMu.Unlock()
 	keep := img.pending[:0]
 	var todo []pendingFree
 	for _, p := range img.pending {
