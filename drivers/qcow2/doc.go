@@ -34,9 +34,22 @@
 //     cluster therefore never lose each other's data.
 //
 // Lock order: image.resize (shared by every request, exclusive for
-// truncate and for the offline operations) → image.meta. Nothing is
-// locked while waiting for an in-flight allocation. Requests on children
-// (file, data-file, backing) take those nodes' own locks below ours.
+// truncate and for the offline operations) → image.meta → image.dcMu
+// (the small cache of inflated compressed clusters, also taken alone).
+// Nothing is locked while waiting for an in-flight allocation. Requests
+// on children (file, data-file, backing) take those nodes' own locks
+// below ours.
+//
+// # Allocation
+//
+// Host clusters come from the first free cluster on (a hint remembers
+// where that is); a write takes the longest free run there, up to what it
+// needs. A refcount block that does not exist yet is created in the first
+// cluster of the range it describes (it then counts itself); a longer
+// contiguous run (an L1 table) goes to the end of the file with the blocks
+// it needs after it; the refcount table grows at the end of what it
+// describes. The file child is grown before anything is written past its
+// end.
 //
 // # Crash safety
 //

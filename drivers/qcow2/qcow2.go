@@ -72,6 +72,11 @@ type image struct {
 	headerDone bool // the first-write header update (autoclear bits) is done
 	corrupt    bool // the corrupt bit is set: no more writes
 
+	// dcMu guards dc, the last inflated compressed clusters. Lock order:
+	// meta → dcMu (dcMu is also taken alone).
+	dcMu sync.Mutex
+	dc   [4]decompressedCluster
+
 	stopClean chan struct{}
 	closeOnce sync.Once
 	closeErr  error

@@ -244,7 +244,7 @@ func (img *image) readMapping(ctx context.Context, off int64, m mapping, sub [][
 	case kindData:
 		return readClamped(ctx, img.data, m.host, sub)
 	case kindCompressed:
-		buf, err := img.readCompressed(ctx, m.entry)
+		buf, err := img.decompressed(ctx, m.entry)
 		if err != nil {
 			return err
 		}
@@ -303,6 +303,40 @@ func (img *image) readCompressed(ctx context.Context, e L2Entry) ([]byte, error)
 		return nil, fmt.Errorf("qcow2: compressed cluster at %#x: %v: %w", host, err, syscall.EIO)
 	}
 	return out, nil
+}
+
+// decompressed returns the contents of a compressed cluster, from a small
+// cache of the last clusters inflated (guests read compressed images in
+// pieces much smaller than a cluster).
+func (img *image) decompressed(ctx context.Context, e L2Entry) ([]byte, error) {
+	img.dcMu.Lock()
+	for _, d := range img.dc {
+		if d.entry == e.Entry {
+			buf := d.buf
+			img.dcMu.Unlock()
+			return buf, nil
+		}
+	}
+	img.dcMu.Unlock()
+	buf, err := img.readCompressed(ctx, e)
+	if err != nil {
+		return nil, err
+	}
+	img.dcMu.Lock()
+	copy(img.dc[1:], img.dc[:len(img.dc)-1])
+	img.dc[0] = decompressedCluster{entry: e.Entry, buf: buf}
+	img.dcMu.Unlock()
+	return buf, nil
+}
+
+// decompressedCluster is an entry of the inflated-cluster cache. The
+// entry (host offset and length) identifies the data: a compressed
+// cluster is never rewritten in place, and its host bytes are not reused
+// while a reader that could see the old entry runs (the free quarantine);
+// the cache is dropped when clusters are freed.
+type decompressedCluster struct {
+	entry uint64
+	buf   []byte
 }
 
 var zstdDecoders = sync.Pool{New: func() any {

@@ -197,45 +197,165 @@ func (img *image) growRefcountTableLocked(ctx context.Context, need uint64) erro
 	return nil
 }
 
-// allocLocked allocates n contiguous host clusters and returns the offset
-// of the first; their refcounts become 1 (in the cache: the ordering
+// allocRunLocked allocates up to n contiguous host clusters, at the first
+// free cluster: it returns the offset of the first and how many it got
+// (at least one). Their refcounts become 1 in the cache (the ordering
 // rules make them stable before anything on disk points at them).
-func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
+func (img *image) allocRunLocked(ctx context.Context, n int64) (int64, int64, error) {
 	k := img.freeHint
-	run := int64(0)
-	for run < n {
-		c := k + run
-		if c*img.cs > MaxHostOffset {
-			return 0, fmt.Errorf("qcow2: image file too large: %w", syscall.EFBIG)
-		}
-		if err := img.ensureBlockLocked(ctx, c); err != nil {
-			return 0, err
-		}
-		rc, err := img.refcountLocked(ctx, c)
+	for {
+		free, err := img.freeClusterLocked(ctx, k)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
-		if rc != 0 {
-			if run == 0 && k == img.freeHint {
-				img.freeHint = c + 1
-			}
-			k, run = c+1, 0
-			continue
+		if free {
+			break
 		}
-		run++
+		k++
+		img.freeHint = k
 	}
+	got := int64(1)
+	for got < n {
+		free, err := img.freeClusterLocked(ctx, k+got)
+		if err != nil {
+			return 0, 0, err
+		}
+		if !free {
+			break
+		}
+		got++
+	}
+	if err := img.takeLocked(ctx, k, got); err != nil {
+		return 0, 0, err
+	}
+	if k == img.freeHint {
+		img.freeHint = k + got
+	}
+	return k * img.cs, got, nil
+}
+
+// freeClusterLocked reports whether cluster c is free, creating the
+// refcount block of its range if it has none (the block then takes the
+// range's first cluster).
+func (img *image) freeClusterLocked(ctx context.Context, c int64) (bool, error) {
+	if c*img.cs > MaxHostOffset {
+		return false, fmt.Errorf("qcow2: image file too large: %w", syscall.EFBIG)
+	}
+	if err := img.ensureBlockLocked(ctx, c); err != nil {
+		return false, err
+	}
+	rc, err := img.refcountLocked(ctx, c)
+	return rc == 0, err
+}
+
+// takeLocked sets the refcounts of clusters [k, k+n) to 1, growing the
+// file over them.
+func (img *image) takeLocked(ctx context.Context, k, n int64) error {
 	if err := img.growFileLocked(ctx, img.file, (k+n)*img.cs); err != nil {
-		return 0, err
+		return err
 	}
 	for c := k; c < k+n; c++ {
 		if err := img.setRefcountLocked(ctx, c, 1); err != nil {
-			return 0, err
+			return err
 		}
 	}
-	if k == img.freeHint {
-		img.freeHint = k + n
+	return nil
+}
+
+// allocLocked allocates exactly n contiguous host clusters. One cluster
+// comes from allocRunLocked; a longer run (an L1 table) is placed at the
+// end of the file, with the refcount blocks its ranges lack right after
+// it, so that no block lands inside the run.
+func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
+	if n == 1 {
+		off, _, err := img.allocRunLocked(ctx, 1)
+		return off, err
 	}
-	return k * img.cs, nil
+	per := img.geo.RefcountBlockEntries()
+	for {
+		e := (img.file.SizeNow() + img.cs - 1) / img.cs
+		// Blocks needed for the uncovered ranges of [e, e+n+b).
+		var b int64
+		for {
+			var need int64
+			for ti := e / per; ti <= (e+n+b-1)/per; ti++ {
+				if ti >= int64(len(img.rt)) || img.rt[ti]&OffsetMask == 0 {
+					need++
+				}
+			}
+			if need <= b {
+				break
+			}
+			b = need
+		}
+		if last := uint64((e + n + b - 1) / per); last >= uint64(len(img.rt)) {
+			// The table grows at the end of the file: start over.
+			if err := img.growRefcountTableLocked(ctx, last); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		// The run must be free where refcounts exist.
+		busy := int64(-1)
+		for c := e; c < e+n+b; c++ {
+			ti := c / per
+			if img.rt[ti]&OffsetMask == 0 {
+				continue
+			}
+			rc, err := img.refcountLocked(ctx, c)
+			if err != nil {
+				return 0, err
+			}
+			if rc != 0 {
+				busy = c
+			}
+		}
+		if busy >= 0 {
+			// Leaked clusters past the end of the file: skip them.
+			if err := img.growFileLocked(ctx, img.file, (busy+1)*img.cs); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		if err := img.growFileLocked(ctx, img.file, (e+n+b)*img.cs); err != nil {
+			return 0, err
+		}
+		// New blocks at e+n.., entered in the table in memory first so
+		// that their own refcounts can be set; on disk the blocks go
+		// first (flushed), then the table entries.
+		var added []uint64
+		blk := e + n
+		for ti := e / per; ti <= (e+n+b-1)/per; ti++ {
+			if img.rt[ti]&OffsetMask != 0 {
+				continue
+			}
+			if _, err := img.rbc.getNew(ctx, blk*img.cs); err != nil {
+				return 0, err
+			}
+			img.rt[ti] = uint64(blk * img.cs)
+			added = append(added, uint64(ti))
+			blk++
+		}
+		for c := e; c < e+n+b; c++ {
+			if err := img.setRefcountLocked(ctx, c, 1); err != nil {
+				return 0, err
+			}
+		}
+		if len(added) > 0 {
+			if _, err := img.rbc.flush(ctx); err != nil {
+				return 0, err
+			}
+			if err := img.file.Flush(ctx); err != nil {
+				return 0, err
+			}
+			for _, ti := range added {
+				if err := img.writeRefcountTableEntryLocked(ctx, ti); err != nil {
+					return 0, err
+				}
+			}
+		}
+		return e * img.cs, nil
+	}
 }
 
 // queueFreeLocked records that [off, off+length) lost one reference; the
@@ -256,6 +376,11 @@ func (img *image) applyFreesLocked(ctx context.Context) error {
 		return nil
 	}
 	oldest := img.oldestActiveLocked()
+	// Freed compressed data may come back with other contents under the
+	// same entry value: forget what was inflated.
+	img.dcMu.Lock()
+	img.dc = [4]decompressedCluster{}
+	img.dcMu.Unlock()
 	keep := img.pending[:0]
 	var todo []pendingFree
 	for _, p := range img.pending {

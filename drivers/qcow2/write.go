@@ -167,11 +167,20 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 			return nil, nil, err
 		}
 	default:
-		host, err = img.allocLocked(ctx, int64(len(p.clusters)))
+		var got int64
+		host, got, err = img.allocRunLocked(ctx, int64(len(p.clusters)))
 		if err != nil {
 			return nil, nil, err
 		}
-		p.fresh = int64(len(p.clusters))
+		// Free space may be fragmented: the plan shrinks to the run.
+		if got < int64(len(p.clusters)) {
+			p.clusters = p.clusters[:got]
+			p.length = 0
+			for _, cp := range p.clusters {
+				p.length += cp.b - cp.a
+			}
+		}
+		p.fresh = got
 	}
 	w := &inflightAlloc{done: make(chan struct{})}
 	for i := range p.clusters {

@@ -403,6 +403,49 @@ func TestConcurrentMixed(t *testing.T) {
 	}
 }
 
+// 512-byte clusters with 64-bit refcounts: a refcount table cluster
+// covers 2 MiB, so writing a few MiB grows the table several times and
+// adds refcount blocks on the way.
+func TestRefcountTableGrowth(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "g.qcow2")
+	const size = 7 << 20
+	createImage(t, p, size, map[string]any{"cluster-size": 512, "refcount-bits": 64})
+	g, n := openQcow2(t, p, false, map[string]any{"refcount-cache-size": 2048})
+	data := make([]byte, size)
+	rand.New(rand.NewSource(3)).Read(data)
+	ctx := context.Background()
+	for off := int64(0); off < size; off += 96 << 10 {
+		end := min(off+96<<10, size)
+		if err := n.WriteAt(ctx, data[off:end], off, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// An L1 table longer than a refcount block's range must still be
+	// contiguous (256 MiB: 128 L1 clusters, 64 clusters per block).
+	if err := n.Truncate(ctx, 256<<20, true, "off"); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, []byte("far"), 200<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Truncate(ctx, size, true, "off"); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, p)
+	b := mustRead(t, p)
+	h, _ := ParseHeader(bytes.NewReader(b), int64(len(b)))
+	if h.RefcountTableClusters < 2 {
+		t.Errorf("refcount table did not grow: %d clusters", h.RefcountTableClusters)
+	}
+	if got := qemuRaw(t, p); !bytes.Equal(got, data) {
+		t.Fatalf("%s", firstDiff(got, data))
+	}
+}
+
 // TestWriteIntoMissingL2BeforeAllocatedOne: a write that starts in the
 // range of an L2 table that does not exist yet and runs into the range of
 // one that does must not take the second table's entries as unallocated
