@@ -3,7 +3,7 @@
 # QEMU tools the tests talk to (as root, with apt-get).
 
 GO ?= go
-APT_PACKAGES = qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin
+APT_PACKAGES = qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin cryptsetup-bin
 
 .PHONY: demo test deps check unit fuzz build
 
@@ -14,7 +14,7 @@ demo:
 	$(GO) run ./cmd/blockbackend demo
 
 deps:
-	@missing=""; for t in qemu-img qemu-io qemu-storage-daemon qemu-system-x86_64 nbdinfo; do \
+	@missing=""; for t in qemu-img qemu-io qemu-storage-daemon qemu-system-x86_64 nbdinfo cryptsetup; do \
 		command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing QEMU tools (missing:$$missing)"; \

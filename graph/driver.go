@@ -158,11 +158,18 @@ type Driver struct {
 	// NewCreateOptions and Create make a new image (blockdev-create, img create).
 	NewCreateOptions func() any
 	Create           func(ctx context.Context, cc *CreateContext, opts any) error
+	// NewImageCreateOptions and ImageCreate, when set, are how img create
+	// makes an image of this format instead of NewCreateOptions and
+	// Create: for formats that QEMU creates through qemu-img only (raw),
+	// which blockdev-create refuses. Their options follow the same rules.
+	NewImageCreateOptions func() any
+	ImageCreate           func(ctx context.Context, cc *CreateContext, opts any) error
 	// NewAmendOptions returns the options struct Amender.Amend takes
 	// (img amend -o); nil when the format has nothing to amend.
 	NewAmendOptions func() any
 	// Measure computes img measure's answer for an image of this format
-	// made with createOpts (its NewCreateOptions struct, without a file)
+	// made with createOpts (the struct of NewImageCreateOptions when set,
+	// else of NewCreateOptions; without a file)
 	// holding size bytes, or holding src's data when src is not nil.
 	Measure func(ctx context.Context, createOpts any, size int64, src *Node) (MeasureResult, error)
 	// Probe scores the first bytes of an image (0: not this format;
@@ -343,5 +350,6 @@ func (cc *CreateContext) Logger() *slog.Logger { return cc.log }
 func (cc *CreateContext) Secret(id string) ([]byte, error) { return cc.g.Objects.Secret(id) }
 
 // LookupNode finds an existing node for drivers whose create options name
-// one (qcow2's "file": the protocol node to format).
-func (cc *CreateContext) LookupNode(name string) (*Node, error) { return cc.g.FindNode(name) }
+// one (qcow2's "file": the protocol node to format). Like QEMU it takes a
+// device or a node name, and fails in QEMU's words for either.
+func (cc *CreateContext) LookupNode(name string) (*Node, error) { return cc.g.FindDevice(name, name) }

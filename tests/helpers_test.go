@@ -108,30 +108,45 @@ func (s *syncBuf) String() string {
 // path) accepts connections.
 func start(t *testing.T, waitFor string, args ...string) *proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(binary, args...), stderr: &syncBuf{}, done: make(chan error, 1)}
+	return startReady(t, binary, func() bool { return dialable(waitFor) }, waitFor, args...)
+}
+
+func dialable(sock string) bool {
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// startReady runs bin with args and waits until ready reports true (what
+// names what it waits for, in the failure message). The process dies with
+// the test binary, so a test killed by its -timeout leaves nothing behind.
+func startReady(t *testing.T, bin string, ready func() bool, what string, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(bin, args...), stderr: &syncBuf{}, done: make(chan error, 1)}
 	p.cmd.Stderr = p.stderr
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	go func() { p.done <- p.cmd.Wait() }()
 	t.Cleanup(func() { p.stop(t) })
 	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.Dial("unix", waitFor); err == nil {
-			c.Close()
-			return p
-		}
+	for !ready() {
 		select {
 		case err := <-p.done:
 			p.done <- err
-			t.Fatalf("blockbackend exited early (%v): %s", err, p.stderr.String())
+			t.Fatalf("%s exited early (%v): %s", filepath.Base(bin), err, p.stderr.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("blockbackend did not open %s: %s", waitFor, p.stderr.String())
+			t.Fatalf("%s did not open %s: %s", filepath.Base(bin), what, p.stderr.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	return p
 }
 
 // stop sends SIGTERM and checks the exit status is 0, as qsd's.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -168,34 +167,11 @@ func (b *backend) kill(t *testing.T) {
 // both programs set them up in order.
 func startProgram(t *testing.T, bin, qmpSock, vhostSock string, args ...string) *proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(bin, args...), stderr: &syncBuf{}, done: make(chan error, 1)}
-	p.cmd.Stderr = p.stderr
-	// A test binary killed by its -timeout must not leave backends behind.
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
+	ready := func() bool {
+		_, err := os.Stat(vhostSock)
+		return dialable(qmpSock) && err == nil
 	}
-	go func() { p.done <- p.cmd.Wait() }()
-	t.Cleanup(func() { p.stop(t) })
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if c, err := net.Dial("unix", qmpSock); err == nil {
-			c.Close()
-			if _, err := os.Stat(vhostSock); err == nil {
-				return p
-			}
-		}
-		select {
-		case err := <-p.done:
-			p.done <- err
-			t.Fatalf("%s exited early (%v): %s", filepath.Base(bin), err, p.stderr.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not open %s and %s: %s", filepath.Base(bin), qmpSock, vhostSock, p.stderr.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return startReady(t, bin, ready, qmpSock+" and "+vhostSock, args...)
 }
 
 // guestTimeout bounds one guest's run on the host side; the agent's own

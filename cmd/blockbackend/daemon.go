@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"blockbackend/graph"
+	"blockbackend/graph/job"
 	"blockbackend/nbd/nbdexport"
 	"blockbackend/qmp"
 	"blockbackend/qmp/keyval"
@@ -29,6 +30,7 @@ const version = "0.1.0"
 const usage = `Usage: blockbackend [options]
        blockbackend demo [--dir DIR]
        blockbackend qmp --socket PATH COMMAND [JSON-ARGUMENTS]
+       blockbackend img COMMAND [OPTIONS]   (qemu-img's commands; img --help)
 blockbackend serves QEMU's block layer out of process: a drop-in for
 qemu-storage-daemon, driven over QMP.
 
@@ -126,6 +128,7 @@ type daemon struct {
 	log      *slog.Logger
 	g        *graph.Graph
 	qmp      *qmp.Server
+	jobs     *job.Manager
 	chardevs map[string]*chardev
 	pidfile  string
 	pidfileF *os.File // kept open: its lock stops a second daemon
@@ -192,6 +195,7 @@ func runDaemon(args []string) int {
 	qmp.BlockCommands(d.qmp, d.g, func() { d.quitOnce.Do(func() { close(d.quit) }) })
 	nbdexport.SetLogger(d.log)
 	qmp.NBDCommands(d.qmp, d.g)
+	d.jobs = qmp.JobCommands(d.qmp, d.g)
 
 	for _, o := range opts {
 		if err := d.apply(o); err != nil {
@@ -243,6 +247,9 @@ func (d *daemon) shutdown() {
 	_ = d.qmp.Close()
 	if nbdexport.Default().Running() {
 		_ = qmp.StopNBD(context.Background(), d.g)
+	}
+	if d.jobs != nil {
+		d.jobs.Close()
 	}
 	if err := d.g.Close(); err != nil {
 		d.log.Error("closing block nodes", "err", err)

@@ -4,6 +4,7 @@
 //	blockbackend [--blockdev ...] [--export ...] [--chardev ...] [--monitor ...] ...
 //	blockbackend demo [--dir DIR]   serve a scratch image with a QMP socket
 //	blockbackend qmp  ...           a QMP client
+//	blockbackend img  ...           the image tool, shaped like qemu-img
 //
 // This file only wires packages together.
 package main
@@ -13,6 +14,7 @@ import (
 	"os"
 
 	_ "blockbackend/drivers/file"
+	_ "blockbackend/drivers/luks"
 	_ "blockbackend/drivers/null"
 	_ "blockbackend/drivers/qcow2"
 	_ "blockbackend/drivers/raw"
@@ -30,6 +32,8 @@ func main() {
 			os.Exit(runDemo(args[1:]))
 		case "qmp":
 			os.Exit(runQMPClient(args[1:]))
+		case "img":
+			os.Exit(runImg(args[1:]))
 		}
 	}
 	os.Exit(runDaemon(args))

@@ -29,6 +29,10 @@ func init() {
 		Name:       "raw",
 		NewOptions: func() any { return &Options{} },
 		Open:       open,
+		// qemu-img creates raw images; blockdev-create does not.
+		NewImageCreateOptions: func() any { return &CreateOptions{Preallocation: "off"} },
+		ImageCreate:           create,
+		Measure:               measure,
 		// Raw matches anything, with the lowest score: it is the fallback.
 		Probe: func([]byte, string) int { return 1 },
 	})

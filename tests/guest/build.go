@@ -313,12 +313,14 @@ func fetch(ctx context.Context, work string, pkgs ...string) (string, error) {
 	return root, nil
 }
 
-func ensureKernel(ctx context.Context, cacheDir, pkg, ver string, aptErr error) (string, error) {
-	key := ""
-	if aptErr == nil {
-		key = sanitize(pkg + "_" + ver)
+// ensureCached returns cacheDir/prefix+key, building it first with build
+// (into out, inside a scratch directory work) when it is not there yet.
+// Without apt (aptErr) any earlier build is used, whatever its version.
+func ensureCached(cacheDir, prefix, key string, aptErr error, build func(work, out string) error) (string, error) {
+	if aptErr != nil {
+		key = ""
 	}
-	if d := cached(cacheDir, "kernel-", key); d != "" {
+	if d := cached(cacheDir, prefix, key); d != "" {
 		return d, nil
 	}
 	if aptErr != nil {
@@ -329,82 +331,73 @@ func ensureKernel(ctx context.Context, cacheDir, pkg, ver string, aptErr error) 
 		return "", fmt.Errorf("guest: %w", err)
 	}
 	defer os.RemoveAll(work)
-	// The unsigned image is the same kernel without the Secure Boot
-	// signature; either boots with -kernel.
-	root, err := fetch(ctx, work, pkg+"-unsigned", pkg)
-	if err != nil {
-		return "", err
-	}
 	out := filepath.Join(work, "out")
-	if err := os.MkdirAll(filepath.Join(out, "modules"), 0o755); err != nil {
+	if err := os.MkdirAll(out, 0o755); err != nil {
 		return "", fmt.Errorf("guest: %w", err)
 	}
-	kernels, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
-	if len(kernels) != 1 {
-		return "", fmt.Errorf("guest: %s holds %d boot/vmlinuz-* files", pkg, len(kernels))
-	}
-	release := strings.TrimPrefix(filepath.Base(kernels[0]), "vmlinuz-")
-	if err := os.Rename(kernels[0], filepath.Join(out, "vmlinuz")); err != nil {
-		return "", fmt.Errorf("guest: %w", err)
-	}
-	moddir := filepath.Join(root, "lib", "modules", release)
-	if _, err := os.Stat(moddir); err != nil {
-		// usrmerged packages put them under /usr/lib.
-		moddir = filepath.Join(root, "usr", "lib", "modules", release)
-	}
-	order, err := collectModules(ctx, moddir, wantModules, filepath.Join(out, "modules"))
-	if err != nil {
+	if err := build(work, out); err != nil {
 		return "", err
 	}
-	if err := os.WriteFile(filepath.Join(out, "modules", "order"), []byte(strings.Join(order, "\n")+"\n"), 0o644); err != nil {
-		return "", fmt.Errorf("guest: %w", err)
-	}
-	if err := os.WriteFile(filepath.Join(out, "release"), []byte(release+"\n"), 0o644); err != nil {
-		return "", fmt.Errorf("guest: %w", err)
-	}
-	final := filepath.Join(cacheDir, "kernel-"+key)
+	final := filepath.Join(cacheDir, prefix+key)
 	if err := os.Rename(out, final); err != nil {
 		return "", fmt.Errorf("guest: %w", err)
 	}
 	return final, nil
 }
 
+func ensureKernel(ctx context.Context, cacheDir, pkg, ver string, aptErr error) (string, error) {
+	return ensureCached(cacheDir, "kernel-", sanitize(pkg+"_"+ver), aptErr, func(work, out string) error {
+		// The unsigned image is the same kernel without the Secure Boot
+		// signature; either boots with -kernel.
+		root, err := fetch(ctx, work, pkg+"-unsigned", pkg)
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(filepath.Join(out, "modules"), 0o755); err != nil {
+			return fmt.Errorf("guest: %w", err)
+		}
+		kernels, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
+		if len(kernels) != 1 {
+			return fmt.Errorf("guest: %s holds %d boot/vmlinuz-* files", pkg, len(kernels))
+		}
+		release := strings.TrimPrefix(filepath.Base(kernels[0]), "vmlinuz-")
+		if err := os.Rename(kernels[0], filepath.Join(out, "vmlinuz")); err != nil {
+			return fmt.Errorf("guest: %w", err)
+		}
+		moddir := filepath.Join(root, "lib", "modules", release)
+		if _, err := os.Stat(moddir); err != nil {
+			// usrmerged packages put them under /usr/lib.
+			moddir = filepath.Join(root, "usr", "lib", "modules", release)
+		}
+		order, err := collectModules(ctx, moddir, wantModules, filepath.Join(out, "modules"))
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(out, "modules", "order"), []byte(strings.Join(order, "\n")+"\n"), 0o644); err != nil {
+			return fmt.Errorf("guest: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(out, "release"), []byte(release+"\n"), 0o644); err != nil {
+			return fmt.Errorf("guest: %w", err)
+		}
+		return nil
+	})
+}
+
 func ensureBusybox(ctx context.Context, cacheDir, ver string, aptErr error) (string, error) {
-	key := ""
-	if aptErr == nil {
-		key = sanitize(ver)
-	}
-	if d := cached(cacheDir, "busybox-", key); d != "" {
-		return d, nil
-	}
-	if aptErr != nil {
-		return "", aptErr
-	}
-	work, err := os.MkdirTemp(cacheDir, ".work-")
-	if err != nil {
-		return "", fmt.Errorf("guest: %w", err)
-	}
-	defer os.RemoveAll(work)
-	root, err := fetch(ctx, work, "busybox-static")
-	if err != nil {
-		return "", err
-	}
-	out := filepath.Join(work, "out")
-	if err := os.MkdirAll(out, 0o755); err != nil {
-		return "", fmt.Errorf("guest: %w", err)
-	}
-	src := filepath.Join(root, "bin", "busybox")
-	if _, err := os.Stat(src); err != nil {
-		src = filepath.Join(root, "usr", "bin", "busybox")
-	}
-	if err := os.Rename(src, filepath.Join(out, "busybox")); err != nil {
-		return "", fmt.Errorf("guest: busybox-static: %w", err)
-	}
-	final := filepath.Join(cacheDir, "busybox-"+key)
-	if err := os.Rename(out, final); err != nil {
-		return "", fmt.Errorf("guest: %w", err)
-	}
-	return final, nil
+	return ensureCached(cacheDir, "busybox-", sanitize(ver), aptErr, func(work, out string) error {
+		root, err := fetch(ctx, work, "busybox-static")
+		if err != nil {
+			return err
+		}
+		src := filepath.Join(root, "bin", "busybox")
+		if _, err := os.Stat(src); err != nil {
+			src = filepath.Join(root, "usr", "bin", "busybox")
+		}
+		if err := os.Rename(src, filepath.Join(out, "busybox")); err != nil {
+			return fmt.Errorf("guest: busybox-static: %w", err)
+		}
+		return nil
+	})
 }
 
 // agentSource is the directory of the agent's main package, found from

@@ -29,7 +29,7 @@ import (
 //	writefail off= len=           expect the write (or opening for write) to fail
 //	waitsize [from=SECTORS] [timeout=SECONDS]  poll /sys/block/DEV/size until it changes
 //	loop secs= [qd=] [bs=] [off=] [blocks=] [seed=]  verified random writes for secs
-//	bench secs= [qd=] [bs=] [rw=randread|randwrite|randrw] [off=] [size=]
+//	bench secs= [qd=] [bs=] [rw=randread|randwrite|randrw|read|write] [off=] [size=]
 //	sleep secs=
 //	sh CMDLINE                    run CMDLINE with busybox sh, report its output
 //

@@ -335,28 +335,19 @@ func alignedBuf(n int64) []byte {
 
 func freeBuf(b []byte) { _ = unix.Munmap(b[:cap(b)]) }
 
-func pwriteFull(fd int, b []byte, off int64) error {
-	for len(b) > 0 {
-		n, err := unix.Pwrite(fd, b, off)
-		if err != nil {
-			return fmt.Errorf("pwrite at %d: %w", off, err)
-		}
-		if n == 0 {
-			return fmt.Errorf("pwrite at %d: short write", off)
-		}
-		b, off = b[n:], off+int64(n)
-	}
-	return nil
-}
+func pwriteFull(fd int, b []byte, off int64) error { return ioFull("pwrite", unix.Pwrite, fd, b, off) }
 
-func preadFull(fd int, b []byte, off int64) error {
+func preadFull(fd int, b []byte, off int64) error { return ioFull("pread", unix.Pread, fd, b, off) }
+
+// ioFull repeats op (pread or pwrite) until all of b is done.
+func ioFull(name string, op func(int, []byte, int64) (int, error), fd int, b []byte, off int64) error {
 	for len(b) > 0 {
-		n, err := unix.Pread(fd, b, off)
+		n, err := op(fd, b, off)
 		if err != nil {
-			return fmt.Errorf("pread at %d: %w", off, err)
+			return fmt.Errorf("%s at %d: %w", name, off, err)
 		}
 		if n == 0 {
-			return fmt.Errorf("pread at %d: end of device", off)
+			return fmt.Errorf("%s at %d: end of device", name, off)
 		}
 		b, off = b[n:], off+int64(n)
 	}
@@ -628,9 +619,15 @@ func bench(path, rw string, secs int64, qd int, bs, off, size int64) guest.Resul
 	if qd < 1 || bs <= 0 || bs%512 != 0 {
 		return fail(errors.New("bench: bad qd or bs"))
 	}
-	if rw != "randread" && rw != "randwrite" && rw != "randrw" {
-		return fail(fmt.Errorf("bench: rw=%q: want randread, randwrite or randrw", rw))
+	switch rw {
+	case "randread", "randwrite", "randrw", "read", "write":
+	default:
+		return fail(fmt.Errorf("bench: rw=%q: want randread, randwrite, randrw, read or write", rw))
 	}
+	// Sequential jobs share one cursor: the qd workers take the next
+	// blocks in turn, as fio's sequential jobs with iodepth do.
+	var cursor atomic.Int64
+	seq := rw == "read" || rw == "write"
 	if size == 0 {
 		var total uint64
 		r := withFD(path, unix.O_RDONLY, func(fd int) error {
@@ -666,7 +663,10 @@ func bench(path, rw string, secs int64, qd int, bs, off, size int64) guest.Resul
 			rnd := rand.New(rand.NewPCG(uint64(w), 7))
 			for time.Now().Before(deadline) {
 				o := off + rnd.Int64N(nblocks)*bs
-				write := rw == "randwrite" || (rw == "randrw" && rnd.IntN(2) == 0)
+				if seq {
+					o = off + (cursor.Add(1)-1)%nblocks*bs
+				}
+				write := rw == "randwrite" || rw == "write" || (rw == "randrw" && rnd.IntN(2) == 0)
 				t0 := time.Now()
 				if write {
 					err = pwriteFull(fd, buf, o)
