@@ -134,6 +134,15 @@ func (img *image) WriteCompressed(ctx context.Context, off int64, data []byte) e
 	old := img.geo.GetL2(s, idx)
 	img.geo.SetL2(s, idx, ne)
 	img.l2c.markDirty(soff)
+	// The same entry value may have described other data before its
+	// bytes were freed (by us or by an offline operation): forget it.
+	img.dcMu.Lock()
+	for i := range img.dc {
+		if img.dc[i].entry == ne.Entry {
+			img.dc[i] = decompressedCluster{}
+		}
+	}
+	img.dcMu.Unlock()
 	if old.Compressed() || old.Offset() != 0 {
 		img.releaseEntryLocked(old, discardOther)
 	}

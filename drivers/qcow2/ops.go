@@ -524,9 +524,12 @@ func (img *image) preallocate(ctx context.Context, from, to int64, mode string) 
 			return err
 		}
 		ne := L2Entry{Entry: MakeStandard(host, FlagCopied)}
-		if img.geo.ExtendedL2 {
+		if img.geo.ExtendedL2 && img.hdr.BackingFile == "" && img.backing == nil {
 			ne.Bitmap = MakeBitmap(allSubclusters, 0)
 		}
+		// With a backing file (extended L2 only) the subclusters stay
+		// unallocated: the space is reserved, the backing file still
+		// shows through.
 		img.geo.SetL2(s, idx, ne)
 		img.l2c.markDirty(soff)
 	}

@@ -345,3 +345,28 @@ func TestAutoclearBitmaps(t *testing.T) {
 		t.Fatalf("qemu-img check: %v\n%s", err, out)
 	}
 }
+
+// Preallocation with a backing file (extended L2 only): the backing file
+// still shows through the reserved clusters.
+func TestPreallocationOverBacking(t *testing.T) {
+	dir := t.TempDir()
+	base := makeQemuImage(t, dir, "base.qcow2", "", "2M", "write -P 0x5c 0 2M")
+	p := filepath.Join(dir, "top.qcow2")
+	createImage(t, p, 2<<20, map[string]any{"cluster-size": 65536, "extended-l2": true, "preallocation": "metadata",
+		"backing-file": base, "backing-fmt": "qcow2"})
+	qemuCheck(t, p)
+	g, n := openQcow2(t, p, false, nil)
+	if err := n.WriteAt(context.Background(), []byte("top"), 100000, 0); err != nil {
+		t.Fatal(err)
+	}
+	g.Close()
+	qemuCheck(t, p)
+	want := bytes.Repeat([]byte{0x5c}, 2<<20)
+	copy(want[100000:], "top")
+	if got := qemuRaw(t, p); !bytes.Equal(got, want) {
+		t.Fatalf("%s", firstDiff(got, want))
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -68,9 +68,15 @@ type image struct {
 	// byte offset inside a host cluster allocated for compressed data),
 	// 0 when none.
 	compCursor int64
+	// virgin: file bytes at or past it were never written since the file
+	// grew over them, and read as zeros.
+	virgin     int64
 	dirtySet   bool // the dirty bit is set on disk (lazy refcounts)
 	headerDone bool // the first-write header update (autoclear bits) is done
 	corrupt    bool // the corrupt bit is set: no more writes
+	// corruptSeen: corruption was reported on a read-only image; it only
+	// silences further reports.
+	corruptSeen bool
 
 	// dcMu guards dc, the last inflated compressed clusters. Lock order:
 	// meta → dcMu (dcMu is also taken alone).
@@ -227,6 +233,7 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	}
 
 	img.freeHint = 0
+	img.virgin = (file.SizeNow() + img.cs - 1) / img.cs * img.cs
 	if opts.CacheCleanInterval != nil && *opts.CacheCleanInterval > 0 {
 		img.stopClean = make(chan struct{})
 		go img.cleaner(time.Duration(*opts.CacheCleanInterval)*time.Second, img.stopClean)
@@ -501,18 +508,24 @@ func (img *image) beginWriteLocked(ctx context.Context) error {
 // request fails with EIO.
 func (img *image) corruptfLocked(ctx context.Context, format string, args ...any) error {
 	msg := fmt.Sprintf(format, args...)
-	if !img.corrupt {
+	switch {
+	case img.corrupt || img.corruptSeen:
+	case !img.readOnly:
+		// No more writes; version 3 records it in the header (version 2
+		// has no corrupt bit: the refusal lasts while the image is open).
 		img.corrupt = true
-		if !img.readOnly && img.hdr.Version >= 3 {
-			img.log.Error("Marking image as corrupt: " + msg + "; further corruption events will be suppressed")
+		img.log.Error("Marking image as corrupt: " + msg + "; further corruption events will be suppressed")
+		if img.v3 {
 			h := *img.hdr
 			h.IncompatibleFeatures |= IncompatCorrupt
 			if err := img.writeHeaderLocked(ctx, &h); err == nil {
 				_ = img.file.Flush(ctx)
 			}
-		} else {
-			img.log.Error("Image is corrupt: " + msg + "; further non-fatal corruption events will be suppressed")
 		}
+	default:
+		// Read-only: only report it.
+		img.corruptSeen = true
+		img.log.Error("Image is corrupt: " + msg + "; further non-fatal corruption events will be suppressed")
 	}
 	return fmt.Errorf("qcow2: %s: %w", msg, syscall.EIO)
 }

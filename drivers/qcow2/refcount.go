@@ -94,6 +94,7 @@ func (img *image) ensureBlockLocked(ctx context.Context, k int64) error {
 	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
 		return err
 	}
+	img.claimLocked(off + img.cs)
 	b, err := img.rbc.getNew(ctx, off)
 	if err != nil {
 		return err
@@ -149,6 +150,7 @@ func (img *image) growRefcountTableLocked(ctx context.Context, need uint64) erro
 	if err := img.growFileLocked(ctx, img.file, tableOff+tableClusters*img.cs); err != nil {
 		return err
 	}
+	img.claimLocked(tableOff + tableClusters*img.cs)
 	newRT := make([]uint64, entries)
 	copy(newRT, img.rt)
 	for i := int64(0); i < nblocks; i++ {
@@ -202,11 +204,19 @@ func (img *image) growRefcountTableLocked(ctx context.Context, need uint64) erro
 // (at least one). Their refcounts become 1 in the cache (the ordering
 // rules make them stable before anything on disk points at them).
 func (img *image) allocRunLocked(ctx context.Context, n int64) (int64, int64, error) {
+	off, got, _, err := img.allocRunVirginLocked(ctx, n)
+	return off, got, err
+}
+
+// allocRunVirginLocked is allocRunLocked that also reports whether the
+// clusters were never written since the file grew over them (they read as
+// zeros, so copy on write from zeros can be skipped).
+func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int64, bool, error) {
 	k := img.freeHint
 	for {
 		free, err := img.freeClusterLocked(ctx, k)
 		if err != nil {
-			return 0, 0, err
+			return 0, 0, false, err
 		}
 		if free {
 			break
@@ -218,20 +228,29 @@ func (img *image) allocRunLocked(ctx context.Context, n int64) (int64, int64, er
 	for got < n {
 		free, err := img.freeClusterLocked(ctx, k+got)
 		if err != nil {
-			return 0, 0, err
+			return 0, 0, false, err
 		}
 		if !free {
 			break
 		}
 		got++
 	}
+	virgin := k*img.cs >= img.virgin
 	if err := img.takeLocked(ctx, k, got); err != nil {
-		return 0, 0, err
+		return 0, 0, false, err
 	}
 	if k == img.freeHint {
 		img.freeHint = k + got
 	}
-	return k * img.cs, got, nil
+	return k * img.cs, got, virgin, nil
+}
+
+// claimLocked notes that the file bytes before end may have been written:
+// only what lies at or past img.virgin is known to read as zeros.
+func (img *image) claimLocked(end int64) {
+	if end > img.virgin {
+		img.virgin = end
+	}
 }
 
 // freeClusterLocked reports whether cluster c is free, creating the
@@ -254,6 +273,7 @@ func (img *image) takeLocked(ctx context.Context, k, n int64) error {
 	if err := img.growFileLocked(ctx, img.file, (k+n)*img.cs); err != nil {
 		return err
 	}
+	img.claimLocked((k + n) * img.cs)
 	for c := k; c < k+n; c++ {
 		if err := img.setRefcountLocked(ctx, c, 1); err != nil {
 			return err
@@ -315,11 +335,13 @@ func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
 			if err := img.growFileLocked(ctx, img.file, (busy+1)*img.cs); err != nil {
 				return 0, err
 			}
+			img.claimLocked((busy + 1) * img.cs)
 			continue
 		}
 		if err := img.growFileLocked(ctx, img.file, (e+n+b)*img.cs); err != nil {
 			return 0, err
 		}
+		img.claimLocked((e + n + b) * img.cs)
 		// New blocks at e+n.., entered in the table in memory first so
 		// that their own refcounts can be set; on disk the blocks go
 		// first (flushed), then the table entries.

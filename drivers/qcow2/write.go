@@ -28,6 +28,7 @@ type writePlan struct {
 	length   int64
 	clusters []clusterPlan
 	fresh    int64 // host clusters newly allocated (freed again on failure)
+	virgin   bool  // the new clusters read as zeros (never written)
 }
 
 const allSubclusters = ^uint32(0)
@@ -168,7 +169,7 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		}
 	default:
 		var got int64
-		host, got, err = img.allocRunLocked(ctx, int64(len(p.clusters)))
+		host, got, p.virgin, err = img.allocRunVirginLocked(ctx, int64(len(p.clusters)))
 		if err != nil {
 			return nil, nil, err
 		}
@@ -317,6 +318,13 @@ func (img *image) writeStep(ctx context.Context, off int64, iov [][]byte, flags 
 // data is read through the normal read path.
 func (img *image) writeAllocated(ctx context.Context, p *writePlan, data [][]byte) error {
 	firstC, lastC := &p.clusters[0], &p.clusters[len(p.clusters)-1]
+	// New clusters that read as zeros need no copy of zeros.
+	if p.virgin && firstC.lo < firstC.a && img.readsZero(ctx, firstC.guest+firstC.lo, firstC.a-firstC.lo) {
+		firstC.lo = firstC.a
+	}
+	if p.virgin && lastC.hi > lastC.b && img.readsZero(ctx, lastC.guest+lastC.b, lastC.hi-lastC.b) {
+		lastC.hi = lastC.b
+	}
 	var out [][]byte
 	if firstC.lo < firstC.a {
 		head := make([]byte, firstC.a-firstC.lo)
