@@ -304,6 +304,16 @@ func (img *image) Truncate(ctx context.Context, size int64, exact bool, prealloc
 	if size%512 != 0 {
 		return qapi.Errorf(qapi.GenericError, "The new size must be a multiple of 512")
 	}
+	// As QEMU 7.2 (qemu-img resize, block_resize), even to the same size:
+	// ENOTSUP.
+	img.meta.Lock()
+	v2snaps := img.hdr.Version < 3 && img.hdr.NbSnapshots > 0
+	img.meta.Unlock()
+	if v2snaps {
+		e := qapi.Errorf(qapi.GenericError, "Can't resize a v2 image which has snapshots")
+		e.Err = syscall.ENOTSUP
+		return e
+	}
 	if size < old && prealloc != "off" {
 		return qapi.Errorf(qapi.GenericError, "Preallocation can only be used for growing images")
 	}

@@ -350,3 +350,17 @@ func TestSnapshotFreedClustersNotVirgin(t *testing.T) {
 	}
 	qemuCheck(t, p)
 }
+
+// TestResizeV2WithSnapshots: QEMU 7.2 refuses to resize a version 2 image
+// that has snapshots (qemu-img resize, block_resize), even to its size.
+func TestResizeV2WithSnapshots(t *testing.T) {
+	p := newImage(t, "compat=0.10", "1M")
+	must(t, "qemu-img", "snapshot", "-c", "s", p)
+	_, n := openQcow2(t, p, false, nil)
+	for _, size := range []int64{2 << 20, 512 << 10, 1 << 20} {
+		err := n.Instance().(graph.Truncater).Truncate(context.Background(), size, false, "off")
+		if err == nil || err.Error() != "Can't resize a v2 image which has snapshots" || !errors.Is(err, syscall.ENOTSUP) {
+			t.Errorf("resize to %d: %v", size, err)
+		}
+	}
+}
