@@ -187,7 +187,6 @@ func format(ctx context.Context, log *slog.Logger, file, data *graph.Node, o *Cr
 	img.rbc = newTableCache("refcount block", file, cs, refcountCacheMin*cs)
 	img.l2c.beforeWrite = img.syncRefcounts
 	img.freeHint = 3
-	img.virgin = 3 * cs
 	img.meta.Lock()
 	err := img.resizeLocked(ctx, 0, size)
 	img.meta.Unlock()

@@ -281,6 +281,10 @@ func (img *image) BlockStatus(ctx context.Context, off, n int64) (graph.StatusEx
 		ext.Offset, ext.File = m.host, img.data
 	case kindZero:
 		ext.Status = graph.StatusZero | graph.StatusAllocated
+		if m.zeroAlloc {
+			// A preallocated zero cluster: QEMU reports where it lies.
+			ext.Offset, ext.File = m.host, img.data
+		}
 	case kindCompressed:
 		ext.Status = graph.StatusData | graph.StatusAllocated
 	case kindUnalloc:
@@ -288,6 +292,9 @@ func (img *image) BlockStatus(ctx context.Context, off, n int64) (graph.StatusEx
 			ext.Status = graph.StatusZero
 		} else if bs := img.backing.SizeNow(); off >= bs {
 			ext.Status = graph.StatusZero
+		}
+		if m.zeroAlloc {
+			ext.Offset, ext.File = m.host, img.data
 		}
 	}
 	return ext, nil
@@ -533,13 +540,10 @@ func (img *image) preallocate(ctx context.Context, from, to int64, mode string) 
 		if err != nil {
 			return err
 		}
+		// With extended L2 entries the subclusters stay unallocated, as
+		// QEMU leaves them: the space is reserved, and a backing file
+		// (allowed with preallocation only then) still shows through.
 		ne := L2Entry{Entry: MakeStandard(host, FlagCopied)}
-		if img.geo.ExtendedL2 && img.hdr.BackingFile == "" && img.backing == nil {
-			ne.Bitmap = MakeBitmap(allSubclusters, 0)
-		}
-		// With a backing file (extended L2 only) the subclusters stay
-		// unallocated: the space is reserved, the backing file still
-		// shows through.
 		img.geo.SetL2(s, idx, ne)
 		img.l2c.markDirty(soff)
 	}

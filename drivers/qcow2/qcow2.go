@@ -68,9 +68,6 @@ type image struct {
 	// byte offset inside a host cluster allocated for compressed data),
 	// 0 when none.
 	compCursor int64
-	// virgin: file bytes at or past it were never written since the file
-	// grew over them, and read as zeros.
-	virgin     int64
 	dirtySet   bool // the dirty bit is set on disk (lazy refcounts)
 	headerDone bool // the first-write header update (autoclear bits) is done
 	corrupt    bool // the corrupt bit is set: no more writes
@@ -233,7 +230,6 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	}
 
 	img.freeHint = 0
-	img.virgin = (file.SizeNow() + img.cs - 1) / img.cs * img.cs
 	if opts.CacheCleanInterval != nil && *opts.CacheCleanInterval > 0 {
 		img.stopClean = make(chan struct{})
 		go img.cleaner(time.Duration(*opts.CacheCleanInterval)*time.Second, img.stopClean)

@@ -26,10 +26,11 @@ const (
 // contiguous host bytes), within one L2 slice.
 type mapping struct {
 	kind   extKind
-	host   int64 // kindData: host offset of the first byte
+	host   int64 // kindData, zeroAlloc: host offset of the first byte
 	length int64
 	entry  L2Entry // kindCompressed: the cluster's entry
-	// zeroAlloc: kindZero with a host cluster behind it (for block status).
+	// zeroAlloc: kindZero or kindUnalloc with a host cluster behind it
+	// (preallocated; block status reports where).
 	zeroAlloc bool
 }
 
@@ -90,7 +91,7 @@ func (img *image) lookupLocked(ctx context.Context, off, n int64) (mapping, erro
 			}
 			if p == off {
 				m = mapping{kind: kind, host: host, entry: e, zeroAlloc: zalloc}
-			} else if kind != m.kind || (kind == kindData && host != m.host+m.length) ||
+			} else if kind != m.kind || ((kind == kindData || zalloc) && host != m.host+m.length) ||
 				kind == kindCompressed || zalloc != m.zeroAlloc {
 				return m, nil
 			}
@@ -133,8 +134,10 @@ func (img *image) classifyLocked(ctx context.Context, e L2Entry, p int64, i int)
 		case SubclusterZeroPlain:
 			return kindZero, 0, false, nil
 		case SubclusterZeroAlloc:
-			return kindZero, 0, true, nil
-		case SubclusterUnallocatedPlain, SubclusterUnallocatedAlloc:
+			return kindZero, e.Offset() + in, true, nil
+		case SubclusterUnallocatedAlloc:
+			return kindUnalloc, e.Offset() + in, true, nil
+		case SubclusterUnallocatedPlain:
 			return kindUnalloc, 0, false, nil
 		default:
 			return 0, 0, false, img.corruptfLocked(ctx, "Invalid subcluster bitmap %#x (guest offset: %#x)", e.Bitmap, p-in)
@@ -155,7 +158,7 @@ func (img *image) classifyLocked(ctx context.Context, e L2Entry, p int64, i int)
 		if img.hdr.Version < 3 {
 			return kindData, e.Offset() + in, false, nil
 		}
-		return kindZero, 0, true, nil
+		return kindZero, e.Offset() + in, true, nil
 	}
 	return kindUnalloc, 0, false, nil
 }

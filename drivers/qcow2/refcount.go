@@ -94,7 +94,6 @@ func (img *image) ensureBlockLocked(ctx context.Context, k int64) error {
 	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
 		return err
 	}
-	img.claimLocked(off + img.cs)
 	b, err := img.rbc.getNew(ctx, off)
 	if err != nil {
 		return err
@@ -150,7 +149,6 @@ func (img *image) growRefcountTableLocked(ctx context.Context, need uint64) erro
 	if err := img.growFileLocked(ctx, img.file, tableOff+tableClusters*img.cs); err != nil {
 		return err
 	}
-	img.claimLocked(tableOff + tableClusters*img.cs)
 	newRT := make([]uint64, entries)
 	copy(newRT, img.rt)
 	for i := int64(0); i < nblocks; i++ {
@@ -209,8 +207,8 @@ func (img *image) allocRunLocked(ctx context.Context, n int64) (int64, int64, er
 }
 
 // allocRunVirginLocked is allocRunLocked that also reports whether the
-// clusters were never written since the file grew over them (they read as
-// zeros, so copy on write from zeros can be skipped).
+// clusters lay past the end of the file (they read as zeros, so copy on
+// write from zeros can be skipped).
 func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int64, bool, error) {
 	k := img.freeHint
 	for {
@@ -235,7 +233,9 @@ func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int
 		}
 		got++
 	}
-	virgin := k*img.cs >= img.virgin
+	// Past the end of the file, bytes read as zeros; the file only ever
+	// grows to the end of clusters just claimed, so that end is exact.
+	virgin := k*img.cs >= img.file.SizeNow()
 	if err := img.takeLocked(ctx, k, got); err != nil {
 		return 0, 0, false, err
 	}
@@ -243,14 +243,6 @@ func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int
 		img.freeHint = k + got
 	}
 	return k * img.cs, got, virgin, nil
-}
-
-// claimLocked notes that the file bytes before end may have been written:
-// only what lies at or past img.virgin is known to read as zeros.
-func (img *image) claimLocked(end int64) {
-	if end > img.virgin {
-		img.virgin = end
-	}
 }
 
 // freeClusterLocked reports whether cluster c is free, creating the
@@ -273,7 +265,6 @@ func (img *image) takeLocked(ctx context.Context, k, n int64) error {
 	if err := img.growFileLocked(ctx, img.file, (k+n)*img.cs); err != nil {
 		return err
 	}
-	img.claimLocked((k + n) * img.cs)
 	for c := k; c < k+n; c++ {
 		if err := img.setRefcountLocked(ctx, c, 1); err != nil {
 			return err
@@ -335,13 +326,11 @@ func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
 			if err := img.growFileLocked(ctx, img.file, (busy+1)*img.cs); err != nil {
 				return 0, err
 			}
-			img.claimLocked((busy + 1) * img.cs)
 			continue
 		}
 		if err := img.growFileLocked(ctx, img.file, (e+n+b)*img.cs); err != nil {
 			return 0, err
 		}
-		img.claimLocked((e + n + b) * img.cs)
 		// New blocks at e+n.., entered in the table in memory first so
 		// that their own refcounts can be set; on disk the blocks go
 		// first (flushed), then the table entries.
