@@ -107,9 +107,6 @@ func (img *image) reloadLocked(ctx context.Context) error {
 	img.headerDone = false
 	img.freeHint = 0
 	img.compCursor = 0
-	// The operation may have written anywhere in the file (tables it then
-	// freed again): none of it is known to read as zeros any more.
-	img.claimLocked((img.file.SizeNow() + img.cs - 1) / img.cs * img.cs)
 	return nil
 }
 
