@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	github.com/digitalocean/go-qemu v0.0.0-20250212194115-ee9b0668d242
+	github.com/klauspost/compress v1.20.4
 	github.com/mdlayher/vsock v1.4.0
 	golang.org/x/crypto v0.59.0
 	golang.org/x/sys v0.50.0

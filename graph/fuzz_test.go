@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	_ "blockbackend/drivers/null"
+	_ "blockbackend/drivers/qcow2"
 	_ "blockbackend/drivers/raw"
 	"blockbackend/graph"
 	"blockbackend/permissions"

@@ -248,7 +248,15 @@ func (t *Tool) createImage(r createReq) error {
 	if err := route(items, main, other); err != nil {
 		return optionError{err}
 	}
-	main.set("size", fmt.Sprint(r.size))
+	// qemu-img's legacy create path rounds the size up to whole sectors
+	// for every format built here (file, raw, luks, qcow2), while QMP's
+	// blockdev-create refuses an unaligned qcow2 size: round here, so the
+	// drivers see what blockdev-create would be given.
+	size := r.size
+	if size <= 1<<63-1-511 {
+		size = (size + 511) &^ 511
+	}
+	main.set("size", fmt.Sprint(size))
 	// Decode once with a placeholder for the node (or file) name, to
 	// check the options and learn the defaults before anything is made.
 	placeholder := "file"

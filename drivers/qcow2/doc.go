@@ -1,0 +1,75 @@
+// Package qcow2 is QEMU's qcow2 format driver, written from QEMU's
+// docs/interop/qcow2.txt (section names are quoted where code follows
+// them) and QEMU 7.2's QAPI schema (BlockdevOptionsQcow2,
+// BlockdevCreateOptionsQcow2, ImageInfoSpecificQCow2).
+//
+// layout.go is the pure on-disk format (header, extensions, table entries,
+// refcount entries, snapshot table), shared with the offline metadata
+// operations (check/repair, snapshots, amend, measure). The rest is the
+// driver: versions 2 and 3, cluster sizes 512 B – 2 MiB, refcount widths
+// 1–64 bits, zero clusters, compressed clusters (deflate and zstd), extended
+// L2 entries with subclusters, external data files (raw or not), backing
+// chains, lazy refcounts with the dirty bit, and the corrupt bit.
+//
+// # Requests and locks
+//
+// Guest requests run concurrently. The metadata of an open image (the L1
+// table, the refcount table, the L2 and refcount block caches, the
+// allocator, the header) is guarded by one mutex, image.meta, which is held
+// for table look-ups and updates, including the metadata I/O they need,
+// and never across guest data I/O:
+//
+//   - a read looks up one extent under meta, drops it and reads the data
+//     (from the file or data-file child, the backing node, or zeros);
+//   - a write to clusters that are allocated and owned (COPIED) looks them
+//     up under meta and writes in place;
+//   - a write that needs allocation (unallocated, zero, compressed or
+//     shared clusters, unallocated subclusters) registers the guest
+//     clusters as in flight, allocates host clusters, drops meta, copies
+//     what it must keep from the old contents (copy on write, from the old
+//     cluster or the backing node), writes, then takes meta again to point
+//     the L2 entries at the new clusters. Another request that needs one of
+//     those guest clusters in a way that changes its mapping (allocation,
+//     discard, write-zeroes) waits for it; two writes allocating the same
+//     cluster therefore never lose each other's data.
+//
+// Lock order: image.resize (shared by every request, exclusive for
+// truncate and for the offline operations) → image.meta → image.dcMu
+// (the small cache of inflated compressed clusters, also taken alone).
+// Nothing is locked while waiting for an in-flight allocation. Requests
+// on children (file, data-file, backing) take those nodes' own locks
+// below ours.
+//
+// # Allocation
+//
+// Host clusters come from the first free cluster on (a hint remembers
+// where that is); a write takes the longest free run there, up to what it
+// needs. A refcount block that does not exist yet is created in the first
+// cluster of the range it describes (it then counts itself); a longer
+// contiguous run (an L1 table) goes to the end of the file with the blocks
+// it needs after it; the refcount table grows at the end of what it
+// describes. The file child is grown before anything is written past its
+// end.
+//
+// # Crash safety
+//
+// Metadata is written back from the caches in an order that keeps every
+// refcount at least as large as the references to it on disk (qcow2.txt
+// "Host cluster management"), so that a process killed at any instant
+// leaves at worst leaked clusters:
+//
+//   - refcount increments for new clusters reach the disk (and a flush)
+//     before any L2 or L1 entry pointing at them; guest data is written
+//     before the L2 entry that maps it, and the same flush orders it;
+//   - an L2 table is written (and flushed) before the L1 entry pointing at
+//     it; the header's table pointers change only after the new tables are
+//     stable;
+//   - refcount decrements are queued and applied only after the L2/L1
+//     entries that dropped the references are stable, and only once every
+//     request that might still read the freed clusters has finished (so a
+//     freed cluster is never reused under a reader).
+//
+// With lazy refcounts the dirty bit is set before the first allocating
+// write and the refcount flush before L2 write-back is skipped; a clean
+// close writes everything and clears the bit.
+package qcow2
