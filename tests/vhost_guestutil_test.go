@@ -102,6 +102,9 @@ type exportOpts struct {
 	readOnly  bool // writable=off
 	shareRW   bool // share-rw=on (blockbackend only)
 	name      string
+	// format, when set, puts a format node (qcow2) over the file node;
+	// its backing file, if any, opens from the image's header.
+	format string
 }
 
 // backend is one running backend process serving img on sock.
@@ -121,8 +124,12 @@ func backendArgs(kind backendKind, img, sock, qmpSock string, o exportOpts) []st
 	if o.shareRW {
 		exp += ",share-rw=on"
 	}
+	node := "driver=file,node-name=d,filename=" + img
+	if o.format != "" {
+		node = "driver=" + o.format + ",node-name=d,file.driver=file,file.filename=" + img
+	}
 	return []string{
-		"--blockdev", "driver=file,node-name=d,filename=" + img,
+		"--blockdev", node,
 		"--export", exp,
 		"--chardev", "socket,id=m,path=" + qmpSock + ",server=on,wait=off",
 		"--monitor", "chardev=m",
