@@ -50,6 +50,7 @@ import (
 	"syscall"
 	"time"
 
+	"blockbackend/bench/internal/benchutil"
 	vu "blockbackend/vhostuser"
 	"blockbackend/vhostuser/frontend"
 )
@@ -187,9 +188,8 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	base := "/dev/shm"
-	if st, err := os.Stat(base); err != nil || !st.IsDir() {
-		base = os.TempDir()
+	base, tmpfs := benchutil.TmpfsBase()
+	if !tmpfs {
 		fmt.Fprintf(os.Stderr, "bench/vhost: no /dev/shm, image in %s (may not be tmpfs)\n", base)
 	}
 	dir, err := os.MkdirTemp(base, "bbvhost")
@@ -205,7 +205,7 @@ func main() {
 	ours := fl.Backend
 	if ours == "" {
 		ours = filepath.Join(dir, "blockbackend")
-		if err := buildOurs(ours); err != nil {
+		if err := benchutil.BuildOurs(ours); err != nil {
 			exit("%v", err)
 		}
 	} else if p, err := exec.LookPath(ours); err != nil {
@@ -230,7 +230,7 @@ func main() {
 	for _, b := range cfg.Backends {
 		paths = append(paths, b.Image)
 	}
-	if err := makeImages(paths, fl.Size); err != nil {
+	if err := benchutil.MakeImages(paths, fl.Size); err != nil {
 		exit("%v", err)
 	}
 
@@ -296,7 +296,7 @@ func main() {
 // live is one backend started and connected for one num-queues setting.
 type live struct {
 	spec backendSpec
-	srv  *server
+	srv  *benchutil.Server
 	f    *frontend.Frontend
 	span int64
 	err  error // set once it failed: its remaining jobs are skipped
@@ -315,7 +315,7 @@ func runSetting(ctx context.Context, res *results, backends []backendSpec, dir s
 				l.f.Close()
 			}
 			if l.srv != nil {
-				if err := l.srv.stop(); err != nil {
+				if err := l.srv.Stop(); err != nil {
 					logf("run %d q=%d: %v", run+1, o.NumQueues, err)
 				}
 			}
@@ -324,11 +324,12 @@ func runSetting(ctx context.Context, res *results, backends []backendSpec, dir s
 	for _, b := range backends {
 		l := &live{spec: b}
 		ls = append(ls, l)
-		l.srv, l.err = startServer(ctx, b.Name, b.Bin, b.Image, filepath.Join(dir, b.Name+".sock"), o.NumQueues)
+		sock := filepath.Join(dir, b.Name+".sock")
+		l.srv, l.err = benchutil.Start(ctx, benchutil.Options{Name: b.Name, Bin: b.Bin, Args: benchutil.FileExportArgs(b.Image, sock, o.NumQueues), Sock: sock})
 		if l.err != nil {
 			continue
 		}
-		if l.f, l.err = l.srv.dial(ctx, o); l.err != nil {
+		if l.f, l.err = l.srv.Dial(ctx, o); l.err != nil {
 			l.err = fmt.Errorf("connect: %w", l.err)
 			continue
 		}
@@ -408,12 +409,12 @@ func measure(ctx context.Context, fl flags, l *live, all []*live, j jobSpec, run
 	idle0 := map[*live]int64{}
 	for _, o := range all {
 		if o != l && o.srv != nil {
-			idle0[o], _ = o.srv.cpuTicks()
+			idle0[o], _ = o.srv.CPUTicks()
 		}
 	}
-	t0, err0 := l.srv.cpuTicks()
+	t0, err0 := l.srv.CPUTicks()
 	r, err := frontend.Bench(ctx, l.f, bo)
-	t1, err1 := l.srv.cpuTicks()
+	t1, err1 := l.srv.CPUTicks()
 	if err == nil {
 		err = ctx.Err()
 	}
@@ -424,77 +425,16 @@ func measure(ctx context.Context, fl flags, l *live, all []*live, j jobSpec, run
 		return sample{}, err
 	}
 	for o, t := range idle0 {
-		if t2, err := o.srv.cpuTicks(); err == nil && time.Duration(t2-t)*clockTick > r.Elapsed/20 {
+		if t2, err := o.srv.CPUTicks(); err == nil && time.Duration(t2-t)*benchutil.ClockTick > r.Elapsed/20 {
 			logf("warning: %s used %v of CPU while idle during %s's %s (more than 5%% of a core): it competes with the measured backend",
-				o.spec.Name, time.Duration(t2-t)*clockTick, l.spec.Name, j.Name)
+				o.spec.Name, time.Duration(t2-t)*benchutil.ClockTick, l.spec.Name, j.Name)
 		}
 	}
 	smp := sample{Run: run + 1, IOPS: r.IOPS(), MBps: r.MBps(), P50us: us(r.P50), P99us: us(r.P99), MaxUs: us(r.Max), IOs: r.IOs, Errors: r.Errors}
 	if r.IOs > 0 {
-		smp.CPUusPIO = us(time.Duration(t1-t0)*clockTick) / float64(r.IOs)
+		smp.CPUusPIO = us(time.Duration(t1-t0)*benchutil.ClockTick) / float64(r.IOs)
 	}
 	return smp, nil
-}
-
-func buildOurs(out string) error {
-	root, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		return fmt.Errorf("go env GOMOD: %w", err)
-	}
-	mod := strings.TrimSpace(string(root))
-	if mod == "" || mod == os.DevNull {
-		return fmt.Errorf("run from inside the blockbackend module (or pass -backend)")
-	}
-	// Not -race: the race detector multiplies the cost of every memory
-	// access and would measure itself.
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/blockbackend")
-	cmd.Dir = filepath.Dir(mod)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build ./cmd/blockbackend: %w\n%s", err, b)
-	}
-	return nil
-}
-
-// makeImages writes identical raw images full of non-zero data, so that
-// every page exists in tmpfs and reads copy real data rather than the
-// zero page. The files are written a MiB at a time in turn, so that their
-// pages come from the allocator alike: an image written entirely after
-// another read back ~15% faster in 1 MiB sequential reads here, in
-// qsd-vs-qsd runs, whichever backend had it.
-func makeImages(paths []string, size int64) (err error) {
-	if size <= 0 || size%(1<<20) != 0 {
-		return fmt.Errorf("image size %d is not a positive multiple of 1 MiB", size)
-	}
-	var fs []*os.File
-	defer func() {
-		for _, f := range fs {
-			if cerr := f.Close(); cerr != nil && err == nil {
-				err = fmt.Errorf("write image: %w", cerr)
-			}
-		}
-	}()
-	for _, p := range paths {
-		f, err := os.OpenFile(p, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-		if err != nil {
-			return fmt.Errorf("create image: %w", err)
-		}
-		fs = append(fs, f)
-	}
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		for i := 0; i < len(buf); i += 8 {
-			v := uint64(off+int64(i))*0x9e3779b97f4a7c15 | 1
-			for k := 0; k < 8; k++ {
-				buf[i+k] = byte(v >> (8 * k))
-			}
-		}
-		for _, f := range fs {
-			if _, err := f.Write(buf); err != nil {
-				return fmt.Errorf("write image: %w", err)
-			}
-		}
-	}
-	return nil
 }
 
 func parseSize(s string) (int64, error) {

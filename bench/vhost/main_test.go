@@ -5,20 +5,6 @@ import (
 	"testing"
 )
 
-func TestParseStatTicks(t *testing.T) {
-	// A command name with spaces and parentheses; utime 1234, stime 56.
-	stat := "4242 (qemu (x) d) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 56 0 0 20 0 3 0 100 1000 10\n"
-	n, err := parseStatTicks([]byte(stat))
-	if err != nil || n != 1290 {
-		t.Fatalf("parseStatTicks = %d, %v; want 1290", n, err)
-	}
-	for _, bad := range []string{"", "1 (x) S 1 2", "1 (x) S 1 2 3 4 5 6 7 8 9 10 x 12 13"} {
-		if _, err := parseStatTicks([]byte(bad)); err == nil {
-			t.Errorf("parseStatTicks(%q) succeeded", bad)
-		}
-	}
-}
-
 func TestParseSize(t *testing.T) {
 	for in, want := range map[string]int64{"1G": 1 << 30, "64M": 64 << 20, "8k": 8 << 10, "1048576": 1 << 20} {
 		if got, err := parseSize(in); err != nil || got != want {

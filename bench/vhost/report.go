@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"slices"
+
+	"blockbackend/bench/internal/benchutil"
 )
 
 // results collects the samples of every job and backend and, after
@@ -89,24 +91,12 @@ func (r *results) negotiated(backend string, queues int, virtio, proto uint64) {
 	}
 }
 
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s)%2 == 0 {
-		return (s[len(s)/2-1] + s[len(s)/2]) / 2
-	}
-	return s[len(s)/2]
-}
-
 func medianOf(ss []sample, f func(sample) float64) float64 {
 	v := make([]float64, len(ss))
 	for i, s := range ss {
 		v[i] = f(s)
 	}
-	return median(v)
+	return benchutil.Median(v)
 }
 
 // throughput is the job's headline number: IOPS for small blocks, MB/s
@@ -152,7 +142,7 @@ func (r *results) summarise() {
 					}
 				}
 			}
-			jr.Ratio.PairedThroughput = median(paired)
+			jr.Ratio.PairedThroughput = benchutil.Median(paired)
 		}
 		if !slices.ContainsFunc(r.Config.Backends, func(b backendSpec) bool { return b.Name == "qsd" }) {
 			continue // nothing to compare with (-packed)

@@ -1,0 +1,62 @@
+package benchutil
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestParseStat(t *testing.T) {
+	// A command name with spaces and parentheses; ppid 77, utime 1234, stime 56.
+	stat := "4242 (qemu (x) d) S 77 4242 4242 0 -1 4194560 100 0 0 0 1234 56 0 0 20 0 3 0 100 1000 10\n"
+	comm, ppid, n, err := ParseStat([]byte(stat))
+	if err != nil || comm != "qemu (x) d" || ppid != 77 || n != 1290 {
+		t.Fatalf("ParseStat = %q, %d, %d, %v; want \"qemu (x) d\", 77, 1290", comm, ppid, n, err)
+	}
+	for _, bad := range []string{"", "1 (x) S 1 2", "1 (x) S 1 2 3 4 5 6 7 8 9 10 x 12 13", "1 x) S"} {
+		if _, _, _, err := ParseStat([]byte(bad)); err == nil {
+			t.Errorf("ParseStat(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestCPUTicksSelf(t *testing.T) {
+	if _, err := CPUTicks(os.Getpid()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestMedian(t *testing.T) {
+	for _, c := range []struct {
+		v    []float64
+		want float64
+	}{{nil, 0}, {[]float64{3}, 3}, {[]float64{3, 1, 2}, 2}, {[]float64{4, 1, 3, 2}, 2.5}} {
+		if got := Median(c.v); got != c.want {
+			t.Errorf("Median(%v) = %v; want %v", c.v, got, c.want)
+		}
+	}
+}
+
+func TestMakeImages(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	if err := MakeImages([]string{a, b}, 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	da, _ := os.ReadFile(a)
+	db, _ := os.ReadFile(b)
+	if len(da) != 2<<20 || string(da) != string(db) {
+		t.Fatalf("images differ or have the wrong size: %d, %d bytes", len(da), len(db))
+	}
+	for i := 0; i < len(da); i += 8 {
+		if da[i]&1 == 0 {
+			t.Fatalf("byte %d: %#x, want the low bit set (non-zero data)", i, da[i])
+		}
+	}
+	if err := MakeImages([]string{a}, 1<<20); err == nil {
+		t.Error("MakeImages over an existing file succeeded")
+	}
+	if err := MakeImages([]string{filepath.Join(dir, "c")}, 1000); err == nil {
+		t.Error("MakeImages of 1000 bytes succeeded")
+	}
+}
