@@ -48,6 +48,7 @@ import (
 	"syscall"
 	"time"
 
+	"blockbackend/bench/internal/benchutil"
 	"blockbackend/tests/guest"
 )
 
@@ -246,9 +247,8 @@ func main() {
 	}
 	logf("guest kit (kernel %s) ready in %v", kit.Release, time.Since(t0).Round(time.Millisecond))
 
-	base := "/dev/shm"
-	if st, err := os.Stat(base); err != nil || !st.IsDir() {
-		base = os.TempDir()
+	base, tmpfs := benchutil.TmpfsBase()
+	if !tmpfs {
 		logf("no /dev/shm, image in %s (may not be tmpfs)", base)
 	}
 	dir, err := os.MkdirTemp(base, "bbvguest")
@@ -263,7 +263,7 @@ func main() {
 	ours := fl.Backend
 	if ours == "" {
 		ours = filepath.Join(dir, "blockbackend")
-		if err := buildOurs(ours); err != nil {
+		if err := benchutil.BuildOurs(ours); err != nil {
 			exit("%v", err)
 		}
 	} else if p, err := exec.LookPath(ours); err != nil {
@@ -276,7 +276,7 @@ func main() {
 		{"qsd", qsd, filepath.Join(dir, "disk-qsd.img")},
 		{"ours", ours, filepath.Join(dir, "disk-ours.img")},
 	}
-	if err := makeImages([]string{backends[0].Image, backends[1].Image}, fl.Size); err != nil {
+	if err := benchutil.MakeImages([]string{backends[0].Image, backends[1].Image}, fl.Size); err != nil {
 		exit("%v", err)
 	}
 
@@ -326,13 +326,15 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 		}
 		logf("run %d nq%d %s: %v", run+1, nq, b.Name, err)
 	}
-	srv, err := startServer(ctx, b.Name, b.Bin, b.Image, filepath.Join(dir, b.Name+".sock"), nq)
+	sock := filepath.Join(dir, b.Name+".sock")
+	srv, err := benchutil.Start(ctx, benchutil.Options{Name: b.Name, Bin: b.Bin, Args: benchutil.FileExportArgs(b.Image, sock, nq), Sock: sock,
+		Listen: true, KillWithUs: true})
 	if err != nil {
 		failAll(0, err)
 		return
 	}
 	defer func() {
-		if err := srv.stop(); err != nil {
+		if err := srv.Stop(); err != nil {
 			logf("run %d nq%d: %v", run+1, nq, err)
 		}
 	}()
@@ -342,7 +344,7 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 	gctx, cancel := context.WithTimeout(ctx, watchdog+30*time.Second)
 	defer cancel()
 	known := qemuChildren()
-	vm, err := guest.Boot(gctx, kit, guest.BootOptions{Sockets: []string{srv.sock}, NumQueues: nq,
+	vm, err := guest.Boot(gctx, kit, guest.BootOptions{Sockets: []string{srv.Sock}, NumQueues: nq,
 		Script: script(js, secs), Timeout: watchdog})
 	if err != nil {
 		failAll(0, err)
@@ -364,8 +366,8 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 	next := 0 // index in js of the next job expected
 	for i := 0; ; i++ {
 		r, err := vm.Next(gctx, i)
-		bt, errB := cpuTicks(srv.cmd.Process.Pid)
-		gt, errG := cpuTicks(gpid)
+		bt, errB := benchutil.CPUTicks(srv.PID())
+		gt, errG := benchutil.CPUTicks(gpid)
 		if err != nil {
 			_, werr := vm.Wait()
 			failAll(next, fmt.Errorf("guest ended early (%v): %v", err, werr))
@@ -417,8 +419,8 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 				break
 			}
 			if s.IOs > 0 {
-				s.CPUusPIO = us(time.Duration(bt-prevB)*clockTick) / float64(s.IOs)
-				s.GuestCPUusPIO = us(time.Duration(gt-prevG)*clockTick) / float64(s.IOs)
+				s.CPUusPIO = us(time.Duration(bt-prevB)*benchutil.ClockTick) / float64(s.IOs)
+				s.GuestCPUusPIO = us(time.Duration(gt-prevG)*benchutil.ClockTick) / float64(s.IOs)
 			}
 			pending, pendingJob = &s, ji
 			logf("run %d nq%d %-20s %-4s %8.0f IOPS %7.1f MB/s  avg %7.1fµs  cpu %6.2fµs/IO  guest cpu %7.2fµs/IO",

@@ -131,20 +131,6 @@ func TestParseDiskStat(t *testing.T) {
 	}
 }
 
-func TestParseStat(t *testing.T) {
-	// A command name with spaces and parentheses; ppid 77, utime 1234, stime 56.
-	stat := "4242 (qemu (x) d) S 77 4242 4242 0 -1 4194560 100 0 0 0 1234 56 0 0 20 0 3 0 100 1000 10\n"
-	comm, ppid, n, err := parseStat([]byte(stat))
-	if err != nil || comm != "qemu (x) d" || ppid != 77 || n != 1290 {
-		t.Fatalf("parseStat = %q, %d, %d, %v; want \"qemu (x) d\", 77, 1290", comm, ppid, n, err)
-	}
-	for _, bad := range []string{"", "1 (x) S 1 2", "1 (x) S 1 2 3 4 5 6 7 8 9 10 x 12 13", "1 x) S"} {
-		if _, _, _, err := parseStat([]byte(bad)); err == nil {
-			t.Errorf("parseStat(%q) succeeded", bad)
-		}
-	}
-}
-
 func TestReport(t *testing.T) {
 	fl, _, err := parseFlags([]string{"-runs", "3", "-queues", "1"}, io.Discard)
 	if err != nil {

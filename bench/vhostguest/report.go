@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 
+	"blockbackend/bench/internal/benchutil"
 	"blockbackend/tests/guest"
 )
 
@@ -86,24 +87,12 @@ func (r *results) fail(j jobSpec, backend string, run int, err error) {
 	jr.Failures[backend] = append(jr.Failures[backend], fmt.Sprintf("run %d: %s", run+1, msg))
 }
 
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s)%2 == 0 {
-		return (s[len(s)/2-1] + s[len(s)/2]) / 2
-	}
-	return s[len(s)/2]
-}
-
 func medianOf(ss []sample, f func(sample) float64) float64 {
 	v := make([]float64, len(ss))
 	for i, s := range ss {
 		v[i] = f(s)
 	}
-	return median(v)
+	return benchutil.Median(v)
 }
 
 // throughput is the job's headline number: IOPS for small blocks, MB/s
