@@ -50,6 +50,7 @@ import (
 	"syscall"
 	"time"
 
+	"blockbackend/bench/internal/benchutil"
 	"blockbackend/vhostuser/frontend"
 )
 
@@ -99,9 +100,8 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	base := "/dev/shm"
-	if st, err := os.Stat(base); err != nil || !st.IsDir() {
-		base = os.TempDir()
+	base, tmpfs := benchutil.TmpfsBase()
+	if !tmpfs {
 		logf("no /dev/shm: images in %s (may not be tmpfs)", base)
 	}
 	dir, err := os.MkdirTemp(base, "bbqcow2")
@@ -116,7 +116,7 @@ func main() {
 	ours := fl.backend
 	if ours == "" {
 		ours = filepath.Join(dir, "blockbackend")
-		if err := buildOurs(ours); err != nil {
+		if err := benchutil.BuildOurs(ours); err != nil {
 			exit("%v", err)
 		}
 	} else if ours, err = exec.LookPath(ours); err != nil {
@@ -267,16 +267,16 @@ func measureExport(ctx context.Context, fl flags, dir, full string, b backend, j
 	}
 	defer os.Remove(img)
 	sock := filepath.Join(dir, b.name+".sock")
-	srv, err := startServer(ctx, b.bin, img, sock)
+	srv, err := benchutil.Start(ctx, benchutil.Options{Name: b.bin, Bin: b.bin, Args: serverArgs(img, sock), Sock: sock})
 	if err != nil {
 		return 0, &startError{err}
 	}
 	defer func() {
-		if err := srv.stop(); err != nil {
+		if err := srv.Stop(); err != nil {
 			logf("%s: %v", b.name, err)
 		}
 	}()
-	f, err := srv.dial(ctx, frontend.Options{Profile: frontend.QEMU72, NumQueues: 1, EventIdx: true, Indirect: true,
+	f, err := srv.Dial(ctx, frontend.Options{Profile: frontend.QEMU72, NumQueues: 1, EventIdx: true, Indirect: true,
 		MemSize: 128 << 20, IOTimeout: 10 * time.Second})
 	if err != nil {
 		return 0, &startError{fmt.Errorf("connect: %w", err)}
@@ -319,7 +319,7 @@ func (res *exportResults) print(w *os.File, runs int) {
 	fmt.Fprintf(w, "%-28s %12s %12s %8s  %s\n", "job", "qsd", "ours", "ratio", "")
 	for _, j := range res.jobs {
 		s := res.samples[j.String()]
-		q, o := median(s["qsd"]), median(s["ours"])
+		q, o := benchutil.Median(s["qsd"]), benchutil.Median(s["ours"])
 		ratio, note := "-", ""
 		if q > 0 && o > 0 {
 			ratio = fmt.Sprintf("%.2fx", o/q)
@@ -524,42 +524,12 @@ func copyFile(from, to string) error {
 	return nil
 }
 
-func buildOurs(out string) error {
-	root, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		return fmt.Errorf("go env GOMOD: %w", err)
-	}
-	mod := strings.TrimSpace(string(root))
-	if mod == "" || mod == os.DevNull {
-		return fmt.Errorf("run from inside the blockbackend module (or pass -backend)")
-	}
-	// Not -race: the race detector would measure itself.
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/blockbackend")
-	cmd.Dir = filepath.Dir(mod)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build ./cmd/blockbackend: %w\n%s", err, b)
-	}
-	return nil
-}
-
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
 func medianDur(v []time.Duration) time.Duration {
 	f := make([]float64, len(v))
 	for i, d := range v {
 		f[i] = float64(d)
 	}
-	return time.Duration(median(f))
+	return time.Duration(benchutil.Median(f))
 }
 
 func num(v float64) string {
