@@ -28,10 +28,8 @@ func (t *Tool) amend(args []string) int {
 		case "force":
 			force = true
 		case "t", "p":
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		}
 	}
 	optStr := strings.Join(optStrs, ",")

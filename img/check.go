@@ -47,10 +47,8 @@ func (t *Tool) check(args []string) int {
 		case "U", "force-share":
 			share = true
 		case "T":
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		}
 	}
 	if len(ops) != 1 {

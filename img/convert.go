@@ -107,10 +107,8 @@ func (t *Tool) convert(args []string) int {
 			share = true
 		case "target-is-zero":
 			targetZero = true
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		case "B":
 			backing = o.arg
 		case "F":

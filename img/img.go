@@ -341,6 +341,18 @@ func (t *Tool) parseOutput(v string) (json bool, ok bool) {
 	return false, false
 }
 
+// imageOpt takes --object and --image-opts, which the image commands
+// accept alike: they say how images are opened (secrets for encrypted
+// ones; names as block options), whatever the command does with them.
+func (t *Tool) imageOpt(o opt) {
+	switch o.name {
+	case "object":
+		t.objects = append(t.objects, o.arg)
+	case "image-opts":
+		t.imageOpts = true
+	}
+}
+
 // parseSize reads a size as qemu-img does (qemu_strtosz: k, M, G, T, P,
 // E suffixes, a trailing 'b' ignored).
 func parseSize(s string) (int64, bool) {

@@ -184,10 +184,8 @@ func (t *Tool) info(args []string) int {
 			chain = true
 		case "U", "force-share":
 			share = true
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		}
 	}
 	if len(ops) != 1 {

@@ -39,10 +39,8 @@ func (t *Tool) mapCmd(args []string) int {
 				return t.errorf("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 			}
 			maxLen = v
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		}
 	}
 	if len(ops) != 1 {

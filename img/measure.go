@@ -39,10 +39,8 @@ func (t *Tool) measure(args []string) int {
 			size = v
 		case "U", "force-share":
 			share = true
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		case "l":
 			return t.errorf("-%s is not supported by blockbackend img", o.name)
 		}

@@ -38,10 +38,8 @@ func (t *Tool) rebase(args []string) int {
 		case "U", "force-share":
 			share = true
 		case "t", "T":
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		}
 	}
 	if quiet {

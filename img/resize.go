@@ -39,10 +39,8 @@ func (t *Tool) resize(args []string) int {
 		case "q":
 			quiet = true
 		case "U", "force-share":
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		}
 	}
 	if len(ops) != 1 {

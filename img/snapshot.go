@@ -28,10 +28,8 @@ func (t *Tool) snapshot(args []string) int {
 			quiet = true
 		case "U", "force-share":
 			share = true
-		case "object":
-			t.objects = append(t.objects, o.arg)
-		case "image-opts":
-			t.imageOpts = true
+		case "object", "image-opts":
+			t.imageOpt(o)
 		}
 	}
 	if len(ops) != 1 {
