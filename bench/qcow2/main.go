@@ -113,14 +113,9 @@ func main() {
 		os.RemoveAll(dir)
 		fail(format, a...)
 	}
-	ours := fl.backend
-	if ours == "" {
-		ours = filepath.Join(dir, "blockbackend")
-		if err := benchutil.BuildOurs(ours); err != nil {
-			exit("%v", err)
-		}
-	} else if ours, err = exec.LookPath(ours); err != nil {
-		exit("-backend: %v", err)
+	ours, err := benchutil.Ours(fl.backend, dir)
+	if err != nil {
+		exit("%v", err)
 	}
 	qsd, _ := exec.LookPath("qemu-storage-daemon")
 	logf("ours = %s; load average %s", ours, loadavg())

@@ -202,16 +202,9 @@ func main() {
 		fail(format, a...)
 	}
 
-	ours := fl.Backend
-	if ours == "" {
-		ours = filepath.Join(dir, "blockbackend")
-		if err := benchutil.BuildOurs(ours); err != nil {
-			exit("%v", err)
-		}
-	} else if p, err := exec.LookPath(ours); err != nil {
-		exit("-backend: %v", err)
-	} else {
-		ours = p
+	ours, err := benchutil.Ours(fl.Backend, dir)
+	if err != nil {
+		exit("%v", err)
 	}
 	cfg := config{flags: fl, Dir: dir}
 	if !fl.Packed {

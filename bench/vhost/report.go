@@ -91,14 +91,6 @@ func (r *results) negotiated(backend string, queues int, virtio, proto uint64) {
 	}
 }
 
-func medianOf(ss []sample, f func(sample) float64) float64 {
-	v := make([]float64, len(ss))
-	for i, s := range ss {
-		v[i] = f(s)
-	}
-	return benchutil.Median(v)
-}
-
 // throughput is the job's headline number: IOPS for small blocks, MB/s
 // for large ones.
 func (j *jobSpec) throughput(s sample) float64 {
@@ -119,12 +111,12 @@ func (r *results) summarise() {
 	for _, jr := range r.Jobs {
 		for b, ss := range jr.Samples {
 			jr.Median[b] = sample{
-				IOPS:     medianOf(ss, func(s sample) float64 { return s.IOPS }),
-				MBps:     medianOf(ss, func(s sample) float64 { return s.MBps }),
-				P50us:    medianOf(ss, func(s sample) float64 { return s.P50us }),
-				P99us:    medianOf(ss, func(s sample) float64 { return s.P99us }),
-				CPUusPIO: medianOf(ss, func(s sample) float64 { return s.CPUusPIO }),
-				IOs:      int64(medianOf(ss, func(s sample) float64 { return float64(s.IOs) })),
+				IOPS:     benchutil.MedianOf(ss, func(s sample) float64 { return s.IOPS }),
+				MBps:     benchutil.MedianOf(ss, func(s sample) float64 { return s.MBps }),
+				P50us:    benchutil.MedianOf(ss, func(s sample) float64 { return s.P50us }),
+				P99us:    benchutil.MedianOf(ss, func(s sample) float64 { return s.P99us }),
+				CPUusPIO: benchutil.MedianOf(ss, func(s sample) float64 { return s.CPUusPIO }),
+				IOs:      int64(benchutil.MedianOf(ss, func(s sample) float64 { return float64(s.IOs) })),
 			}
 			lo := slices.MinFunc(ss, func(a, b sample) int { return cmp.Compare(jr.throughput(a), jr.throughput(b)) })
 			hi := slices.MaxFunc(ss, func(a, b sample) int { return cmp.Compare(jr.throughput(a), jr.throughput(b)) })

@@ -260,16 +260,9 @@ func main() {
 		os.RemoveAll(dir)
 		fail(format, a...)
 	}
-	ours := fl.Backend
-	if ours == "" {
-		ours = filepath.Join(dir, "blockbackend")
-		if err := benchutil.BuildOurs(ours); err != nil {
-			exit("%v", err)
-		}
-	} else if p, err := exec.LookPath(ours); err != nil {
-		exit("-backend: %v", err)
-	} else {
-		ours = p
+	ours, err := benchutil.Ours(fl.Backend, dir)
+	if err != nil {
+		exit("%v", err)
 	}
 	qsd, _ := exec.LookPath("qemu-storage-daemon")
 	backends := []backendSpec{

@@ -87,14 +87,6 @@ func (r *results) fail(j jobSpec, backend string, run int, err error) {
 	jr.Failures[backend] = append(jr.Failures[backend], fmt.Sprintf("run %d: %s", run+1, msg))
 }
 
-func medianOf(ss []sample, f func(sample) float64) float64 {
-	v := make([]float64, len(ss))
-	for i, s := range ss {
-		v[i] = f(s)
-	}
-	return benchutil.Median(v)
-}
-
 // throughput is the job's headline number: IOPS for small blocks, MB/s
 // for large ones.
 func (j *jobSpec) throughput(s sample) float64 {
@@ -115,14 +107,14 @@ func (r *results) summarise() {
 	for _, jr := range r.Jobs {
 		for b, ss := range jr.Samples {
 			jr.Median[b] = sample{
-				IOPS:          medianOf(ss, func(s sample) float64 { return s.IOPS }),
-				MBps:          medianOf(ss, func(s sample) float64 { return s.MBps }),
-				AvgLatUs:      medianOf(ss, func(s sample) float64 { return s.AvgLatUs }),
-				MaxLatMs:      medianOf(ss, func(s sample) float64 { return s.MaxLatMs }),
-				CPUusPIO:      medianOf(ss, func(s sample) float64 { return s.CPUusPIO }),
-				GuestCPUusPIO: medianOf(ss, func(s sample) float64 { return s.GuestCPUusPIO }),
-				DevReqsPerIO:  medianOf(ss, func(s sample) float64 { return s.DevReqsPerIO }),
-				IOs:           int64(medianOf(ss, func(s sample) float64 { return float64(s.IOs) })),
+				IOPS:          benchutil.MedianOf(ss, func(s sample) float64 { return s.IOPS }),
+				MBps:          benchutil.MedianOf(ss, func(s sample) float64 { return s.MBps }),
+				AvgLatUs:      benchutil.MedianOf(ss, func(s sample) float64 { return s.AvgLatUs }),
+				MaxLatMs:      benchutil.MedianOf(ss, func(s sample) float64 { return s.MaxLatMs }),
+				CPUusPIO:      benchutil.MedianOf(ss, func(s sample) float64 { return s.CPUusPIO }),
+				GuestCPUusPIO: benchutil.MedianOf(ss, func(s sample) float64 { return s.GuestCPUusPIO }),
+				DevReqsPerIO:  benchutil.MedianOf(ss, func(s sample) float64 { return s.DevReqsPerIO }),
+				IOs:           int64(benchutil.MedianOf(ss, func(s sample) float64 { return float64(s.IOs) })),
 			}
 		}
 		q, okq := jr.Median["qsd"]

@@ -221,9 +221,24 @@ func ParseStat(b []byte) (comm string, ppid int, ticks int64, err error) {
 	return string(b[i+1 : j]), pp, u + k, nil
 }
 
-// BuildOurs builds cmd/blockbackend into out, from the module the current
+// Ours is the binary to measure as "ours": the -backend flag's value
+// (backend) looked up in PATH or, when it is empty, cmd/blockbackend
+// built into dir.
+func Ours(backend, dir string) (string, error) {
+	if backend == "" {
+		out := filepath.Join(dir, "blockbackend")
+		return out, buildOurs(out)
+	}
+	p, err := exec.LookPath(backend)
+	if err != nil {
+		return "", fmt.Errorf("-backend: %w", err)
+	}
+	return p, nil
+}
+
+// buildOurs builds cmd/blockbackend into out, from the module the current
 // directory is in.
-func BuildOurs(out string) error {
+func buildOurs(out string) error {
 	root, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
 		return fmt.Errorf("go env GOMOD: %w", err)
@@ -306,4 +321,13 @@ func Median(v []float64) float64 {
 		return (s[len(s)/2-1] + s[len(s)/2]) / 2
 	}
 	return s[len(s)/2]
+}
+
+// MedianOf is the median of f over ss.
+func MedianOf[T any](ss []T, f func(T) float64) float64 {
+	v := make([]float64, len(ss))
+	for i, s := range ss {
+		v[i] = f(s)
+	}
+	return Median(v)
 }
