@@ -74,6 +74,7 @@ type image struct {
 	// corruptSeen: corruption was reported on a read-only image; it only
 	// silences further reports.
 	corruptSeen bool
+	mp          metaPrealloc // see prealloc.go
 
 	// dcMu guards dc, the last inflated compressed clusters. Lock order:
 	// meta → dcMu (dcMu is also taken alone).
