@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"math/rand"
@@ -368,5 +369,57 @@ func TestPreallocationOverBacking(t *testing.T) {
 	}
 	if _, err := os.Stat(p); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestWriteCompressedPacking writes clusters that compress to about 60%
+// of their size, base64 text among them (few repeats: only Huffman coding
+// shrinks it): the compressed data must pack across host cluster
+// boundaries, as QEMU's does, rather than leave the rest of a cluster
+// empty whenever the next one does not fit.
+func TestWriteCompressedPacking(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "p.qcow2")
+	const cs, clusters = 65536, 64
+	createImage(t, p, cs*clusters, map[string]any{"cluster-size": cs})
+	g, n := openQcow2(t, p, false, nil)
+	img := inst(t, n)
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(7))
+	want := make([]byte, cs*clusters)
+	var total int
+	for c := 0; c < clusters; c++ {
+		b := want[c*cs : (c+1)*cs]
+		if c%2 == 0 {
+			raw := make([]byte, cs*3/4)
+			rng.Read(raw)
+			base64.StdEncoding.Encode(b, raw)
+		} else {
+			rng.Read(b[:cs/2]) // half random, half zeros
+		}
+		comp, err := img.compress(b)
+		if err != nil || comp == nil {
+			t.Fatalf("cluster %d does not compress: %v", c, err)
+		}
+		total += len(comp)
+		if err := img.WriteCompressed(ctx, int64(c*cs), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Header, L1, refcount table and block, one L2 table: 5 clusters of
+	// metadata, and at most one partly used data cluster.
+	if limit := int64(total) + 6*cs; st.Size() > limit {
+		t.Errorf("image is %d bytes for %d bytes of compressed data (limit %d): clusters are not packed", st.Size(), total, limit)
+	}
+	qemuCheck(t, p)
+	if got := qemuRaw(t, p); !bytes.Equal(got, want) {
+		t.Fatalf("qemu-img convert: %s", firstDiff(got, want))
 	}
 }
