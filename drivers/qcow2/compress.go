@@ -18,7 +18,11 @@ import (
 const deflateWindow = 4096
 
 var zstdEncoders = sync.Pool{New: func() any {
-	e, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false))
+	// Entropy-coding all literals keeps data with few repeats but a
+	// skewed alphabet (text, base64) from being stored raw: without it
+	// such clusters came out uncompressed where QEMU's zstd shrinks them.
+	e, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false),
+		zstd.WithAllLitEntropyCompression(true))
 	if err != nil {
 		return nil
 	}

@@ -378,10 +378,16 @@ func TestPreallocationOverBacking(t *testing.T) {
 // boundaries, as QEMU's does, rather than leave the rest of a cluster
 // empty whenever the next one does not fit.
 func TestWriteCompressedPacking(t *testing.T) {
+	for _, ct := range []string{"zlib", "zstd"} {
+		t.Run(ct, func(t *testing.T) { testCompressedPacking(t, ct) })
+	}
+}
+
+func testCompressedPacking(t *testing.T, ct string) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "p.qcow2")
 	const cs, clusters = 65536, 64
-	createImage(t, p, cs*clusters, map[string]any{"cluster-size": cs})
+	createImage(t, p, cs*clusters, map[string]any{"cluster-size": cs, "compression-type": ct})
 	g, n := openQcow2(t, p, false, nil)
 	img := inst(t, n)
 	ctx := context.Background()
