@@ -127,6 +127,12 @@ type Node struct {
 
 	// Stats.
 	rdOps, wrOps, flOps, rdBytes, wrBytes atomic.Uint64
+
+	// Dirty bitmaps (bitmaps.go): bmMu guards bitmaps; bmList is a copy
+	// published for the write path, which reads it without a lock.
+	bmMu    sync.Mutex
+	bitmaps []*DirtyBitmap
+	bmList  atomic.Pointer[[]*DirtyBitmap]
 }
 
 // Name is the node name.
