@@ -535,8 +535,8 @@ func (img *image) storeBitmapsLocked(ctx context.Context) error {
 		}
 		es = append(es, ne)
 	}
-	if len(es) == 0 {
-		return nil
+	if len(es) == 0 || len(stored) == 0 {
+		return nil // nothing to store: every entry stays as it is
 	}
 	if err := img.writeDirectoryLocked(ctx, es); err != nil {
 		return err
