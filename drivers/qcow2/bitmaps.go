@@ -301,7 +301,7 @@ func (img *image) CanStoreBitmap(name string, granularity int64) error {
 	if len(name) > graph.MaxBitmapName {
 		return qapi.Errorf(qapi.GenericError, "Name length exceeds maximum (%d characters)", graph.MaxBitmapName)
 	}
-	if img.findEntryLocked(name) >= 0 {
+	if i := img.findEntryLocked(name); i >= 0 && !img.bm.entries[i].usable() {
 		// Only entries this implementation cannot load get here: the
 		// others are bitmaps of the node, refused before.
 		return qapi.Errorf(qapi.GenericError, "Bitmap with the same name is already stored")
