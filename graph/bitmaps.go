@@ -235,7 +235,7 @@ func (n *Node) resizeBitmaps(size int64) {
 
 // BitmapInfo is QAPI's BlockDirtyInfo.
 type BitmapInfo struct {
-	Name         string `json:"name"`
+	Name         string `json:"name,omitempty"` // optional in QAPI; never empty here
 	Count        int64  `json:"count"`
 	Granularity  uint32 `json:"granularity"`
 	Recording    bool   `json:"recording"`

@@ -206,6 +206,37 @@ func (img *image) loadBitmaps(ctx context.Context) error {
 	return img.markBitmapsInUse(ctx)
 }
 
+// reloadBitmapsLocked reads the directory again after an offline
+// operation (amend may have dropped the bitmaps with a downgrade to
+// version 2); the bitmaps in the graph stay as they are.
+func (img *image) reloadBitmapsLocked(ctx context.Context) error {
+	h := img.hdr
+	img.bm = bitmapState{managed: h.Version >= 3}
+	ext := h.Bitmaps
+	switch {
+	case !img.bm.managed || ext == nil || ext.NbBitmaps == 0:
+	case h.AutoclearFeatures&AutoclearBitmaps == 0:
+		img.bm.stale = true
+	default:
+		if ext.DirectorySize > bmMaxDirectory || !inFile(ext.DirectoryOffset, ext.DirectorySize, img.file.SizeNow()) {
+			img.bm.managed = false
+			return fmt.Errorf("qcow2: invalid bitmaps extension after reload")
+		}
+		dir := make([]byte, ext.DirectorySize)
+		if err := img.file.ReadV(ctx, int64(ext.DirectoryOffset), [][]byte{dir}); err != nil {
+			img.bm.managed = false
+			return fmt.Errorf("qcow2: reading the bitmap directory: %w", err)
+		}
+		es, err := parseBitmapDirectory(dir, ext.NbBitmaps, int64(ext.DirectoryOffset))
+		if err != nil {
+			img.bm.managed = false
+			return err
+		}
+		img.bm.entries = es
+	}
+	return nil
+}
+
 // markBitmapsInUse sets in_use on every usable bitmap on disk (directory
 // rewritten in place: only flag words change) and flushes.
 func (img *image) markBitmapsInUse(ctx context.Context) error {
@@ -472,7 +503,7 @@ func (img *image) writeBitmapLocked(ctx context.Context, data []byte) (int64, ui
 // storeBitmapsLocked stores the node's persistent bitmaps (close, reopen
 // read-only): see the file comment.
 func (img *image) storeBitmapsLocked(ctx context.Context) error {
-	if !img.bm.managed || img.readOnly || img.corrupt {
+	if !img.bm.managed || img.readOnly || img.corrupt || img.hdr.Version < 3 {
 		return nil
 	}
 	bms := img.gnode.Bitmaps()

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"blockbackend/graph"
+	"blockbackend/qmp/qapi"
 )
 
 // qemuBitmaps is qemu-img info's list of bitmaps.
@@ -323,5 +324,89 @@ func TestBitmapsV2(t *testing.T) {
 	}
 	if err := g.AddBitmap(context.Background(), graph.BitmapAddOptions{Node: "q", Name: "t"}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The offline operations on an open image keep the bitmaps right: a
+// snapshot leaves them stored at close; amend to version 2 drops them
+// (as qemu-img amend does) and nothing is stored into the v2 image.
+func TestBitmapsOfflineOps(t *testing.T) {
+	ctx := context.Background()
+	p := newImage(t, "", "16M")
+	must(t, "qemu-img", "bitmap", "--add", p, "b0")
+	g, n := openQcow2(t, p, false, nil)
+	if err := n.WriteAt(ctx, []byte{1}, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	img := n.Instance().(*image)
+	if _, err := img.CreateSnapshot(ctx, graph.SnapshotInfo{Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, []byte{1}, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	g.Close()
+	checkClean(t, p)
+	if l := qemuInfoBitmaps(t, p); len(l) != 1 || !reflect.DeepEqual(l[0].Flags, []string{"auto"}) {
+		t.Fatalf("after a snapshot: %+v", l)
+	}
+	gro, ro := openQcow2(t, p, true, nil)
+	if got := dirtyChunks(findBitmap(t, ro, "b0"), 16<<20); !reflect.DeepEqual(got, []int64{0, 16}) {
+		t.Fatalf("dirty chunks %v", got)
+	}
+	gro.Close()
+
+	g, n = openQcow2(t, p, false, nil)
+	if err := n.Instance().(*image).Amend(ctx, &AmendOptions{Compat: "0.10"}, false); err != nil {
+		t.Fatal(err)
+	}
+	g.Close()
+	checkClean(t, p)
+	if l := qemuInfoBitmaps(t, p); l != nil {
+		t.Fatalf("bitmaps in a v2 image: %+v", l)
+	}
+	if _, h := openTestImage(t, p); h.Version != 2 || h.Bitmaps != nil {
+		t.Fatalf("version %d, bitmaps %+v", h.Version, h.Bitmaps)
+	}
+}
+
+// blockdev-reopen read-only stores the bitmaps (not in use on disk) and
+// makes them read-only; back to read-write marks them in use again.
+func TestBitmapsReopen(t *testing.T) {
+	ctx := context.Background()
+	p := newImage(t, "", "16M")
+	must(t, "qemu-img", "bitmap", "--add", p, "b0")
+	g, n := openQcow2(t, p, false, nil)
+	if err := n.WriteAt(ctx, []byte{1}, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	reopen := func(ro bool) {
+		t.Helper()
+		err := g.Reopen(ctx, []map[string]any{{"driver": "qcow2", "node-name": "q", "read-only": ro,
+			"file": n.Child("file").Node().Name()}}, qapi.JSON)
+		if err != nil {
+			t.Fatalf("reopen read-only=%v: %v", ro, err)
+		}
+	}
+	reopen(true)
+	if l := qemuInfoBitmaps(t, p, "-U"); len(l) != 1 || !reflect.DeepEqual(l[0].Flags, []string{"auto"}) {
+		t.Fatalf("after reopen read-only: %+v", l)
+	}
+	checkClean(t, p)
+	if st := findBitmap(t, n, "b0").State(); !st.ReadOnly {
+		t.Fatalf("bitmap not read-only after reopen: %+v", st)
+	}
+	reopen(false)
+	if l := qemuInfoBitmaps(t, p, "-U"); len(l) != 1 || !reflect.DeepEqual(l[0].Flags, []string{"in-use", "auto"}) {
+		t.Fatalf("after reopen read-write: %+v", l)
+	}
+	if err := n.WriteAt(ctx, []byte{1}, 2<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	g.Close()
+	checkClean(t, p)
+	_, ro := openQcow2(t, p, true, nil)
+	if got := dirtyChunks(findBitmap(t, ro, "b0"), 16<<20); !reflect.DeepEqual(got, []int64{0, 32}) {
+		t.Fatalf("dirty chunks %v", got)
 	}
 }
