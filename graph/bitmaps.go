@@ -155,9 +155,10 @@ func (b *DirtyBitmap) setRange(off, n int64) {
 	}
 }
 
-// resize follows a new virtual size: chunks past the end are dropped, new
-// ones start clean.
-func (b *DirtyBitmap) resize(size int64) {
+// Resize follows a new virtual size: chunks past the end are dropped, new
+// ones start clean. The graph calls it after a truncate; a format calls it
+// before storing the bitmap, for resizes it made itself.
+func (b *DirtyBitmap) Resize(size int64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	nb := (size + b.gran - 1) / b.gran
@@ -229,7 +230,7 @@ func (n *Node) markDirty(off, length int64) {
 // resizeBitmaps follows a truncate.
 func (n *Node) resizeBitmaps(size int64) {
 	for _, b := range n.Bitmaps() {
-		b.resize(size)
+		b.Resize(size)
 	}
 }
 

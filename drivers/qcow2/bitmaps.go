@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 
@@ -237,6 +238,55 @@ func (img *image) reloadBitmapsLocked(ctx context.Context) error {
 	return nil
 }
 
+// sameLayout reports whether directory a differs from b in flags only.
+func sameLayout(a, b []bitmapDirEntry) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		x, y := a[i], b[i]
+		if x.TableOffset != y.TableOffset || x.TableSize != y.TableSize || x.Type != y.Type ||
+			x.GranBits != y.GranBits || x.Name != y.Name || !bytes.Equal(x.Extra, y.Extra) {
+			return false
+		}
+	}
+	return true
+}
+
+// writeDirectoryInPlace rewrites the directory where it is (same layout,
+// other flags) and flushes.
+func (img *image) writeDirectoryInPlace(ctx context.Context, es []bitmapDirEntry) error {
+	if err := img.clearUnknownAutoclearLocked(ctx); err != nil {
+		return err
+	}
+	buf := marshalBitmapDirectory(es)
+	if err := img.file.WriteV(ctx, int64(img.hdr.Bitmaps.DirectoryOffset), [][]byte{buf}, 0); err != nil {
+		return fmt.Errorf("qcow2: writing the bitmap directory: %w", err)
+	}
+	if err := img.file.Flush(ctx); err != nil {
+		return err
+	}
+	img.bm.entries = es
+	return nil
+}
+
+// clearUnknownAutoclearLocked clears the autoclear bits this
+// implementation does not maintain before it changes the image
+// (qcow2.txt: "An implementation may only write to an image with unknown
+// auto-clear features if it clears the respective bits from this field
+// first"), as the first guest write does.
+func (img *image) clearUnknownAutoclearLocked(ctx context.Context) error {
+	h := *img.hdr
+	h.AutoclearFeatures &= AutoclearDataFileRaw | img.bitmapsAutoclear()
+	if h.AutoclearFeatures == img.hdr.AutoclearFeatures {
+		return nil
+	}
+	if err := img.writeHeaderLocked(ctx, &h); err != nil {
+		return err
+	}
+	return img.file.Flush(ctx)
+}
+
 // markBitmapsInUse sets in_use on every usable bitmap on disk (directory
 // rewritten in place: only flag words change) and flushes.
 func (img *image) markBitmapsInUse(ctx context.Context) error {
@@ -251,11 +301,7 @@ func (img *image) markBitmapsInUse(ctx context.Context) error {
 	if !changed {
 		return nil
 	}
-	buf := marshalBitmapDirectory(img.bm.entries)
-	if err := img.file.WriteV(ctx, int64(img.hdr.Bitmaps.DirectoryOffset), [][]byte{buf}, 0); err != nil {
-		return fmt.Errorf("qcow2: writing the bitmap directory: %w", err)
-	}
-	return img.file.Flush(ctx)
+	return img.writeDirectoryInPlace(ctx, img.bm.entries)
 }
 
 // readBitmapData reads a bitmap's table and data.
@@ -409,6 +455,7 @@ func (img *image) freeBitmapClustersLocked(ctx context.Context, e *bitmapDirEntr
 // extension when es is empty) and queues the free of the old directory.
 func (img *image) writeDirectoryLocked(ctx context.Context, es []bitmapDirEntry) error {
 	h := *img.hdr
+	h.AutoclearFeatures &= AutoclearDataFileRaw | AutoclearBitmaps
 	oldExt := img.hdr.Bitmaps
 	if len(es) == 0 {
 		h.Bitmaps = nil
@@ -510,6 +557,8 @@ func (img *image) storeBitmapsLocked(ctx context.Context) error {
 	byName := map[string]*graph.DirtyBitmap{}
 	for _, b := range bms {
 		if b.Persistent() {
+			// A resize by amend does not pass through the graph.
+			b.Resize(img.size.Load())
 			byName[b.Name()] = b
 		}
 	}
@@ -568,6 +617,17 @@ func (img *image) storeBitmapsLocked(ctx context.Context) error {
 	}
 	if len(es) == 0 || len(stored) == 0 {
 		return nil // nothing to store: every entry stays as it is
+	}
+	if len(freed) == 0 && sameLayout(es, img.bm.entries) {
+		// Only flags change (in_use cleared, auto): in place, as the
+		// open set them. A flags word never straddles a sector.
+		if err := img.writeDirectoryInPlace(ctx, es); err != nil {
+			return err
+		}
+		for _, b := range stored {
+			b.ClearModified()
+		}
+		return nil
 	}
 	if err := img.writeDirectoryLocked(ctx, es); err != nil {
 		return err
