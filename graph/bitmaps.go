@@ -26,6 +26,15 @@ import (
 // MaxBitmapName is QEMU's limit on a bitmap name (BDRV_BITMAP_MAX_NAME_SIZE).
 const MaxBitmapName = 1023
 
+// MaxBitmapBytes bounds the memory of one bitmap (1 GiB: 512 TiB at a
+// 64 KiB granularity), so that a bitmap of a huge node, or a crafted
+// image, cannot exhaust memory.
+const MaxBitmapBytes = 1 << 30
+
+// BitmapBytes is the memory a bitmap of this granularity over size bytes
+// takes.
+func BitmapBytes(gran, size int64) int64 { return ((size+gran-1)/gran + 7) / 8 }
+
 // DirtyBitmap is a dirty bitmap of a node.
 type DirtyBitmap struct {
 	name string
@@ -356,6 +365,9 @@ func (g *Graph) AddBitmap(ctx context.Context, o BitmapAddOptions) error {
 	}
 	if len(o.Name) > MaxBitmapName {
 		return qapi.Errorf(qapi.GenericError, "Bitmap name too long: %s", o.Name)
+	}
+	if BitmapBytes(gran, n.SizeNow()) > MaxBitmapBytes {
+		return qapi.Errorf(qapi.GenericError, "Bitmap '%s' would take more than %d bytes of memory: use a coarser granularity", o.Name, MaxBitmapBytes)
 	}
 	b := newBitmap(o.Name, gran, n.SizeNow())
 	b.enabled, b.persistent = !o.Disabled, o.Persistent

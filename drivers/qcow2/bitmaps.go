@@ -64,8 +64,18 @@ type bitmapDirEntry struct {
 
 // usable reports whether this implementation can load the bitmap.
 func (e *bitmapDirEntry) usable() bool {
-	return e.Type == bmeTypeDirty && (len(e.Extra) == 0 || e.Flags&bmeExtraDataComp != 0) &&
-		e.GranBits >= bmMinGranBits && e.GranBits <= bmMaxGranBits
+	return e.Type == bmeTypeDirty && (len(e.Extra) == 0 || e.Flags&bmeExtraDataComp != 0)
+}
+
+// constraintsErr checks what QEMU refuses to open an image for (an
+// empty or too long name, a granularity out of range, an unaligned
+// bitmap table), with its message.
+func (e *bitmapDirEntry) constraintsErr(cs int64) error {
+	if e.Name == "" || len(e.Name) > graph.MaxBitmapName || e.GranBits < bmMinGranBits || e.GranBits > bmMaxGranBits ||
+		e.TableOffset%cs != 0 || e.TableSize > bmMaxTableSize {
+		return qapi.Errorf(qapi.GenericError, "Bitmap '%s' doesn't satisfy the constraints", e.Name)
+	}
+	return nil
 }
 
 // parseBitmapDirectory parses n entries of a bitmap directory.
@@ -93,9 +103,6 @@ func parseBitmapDirectory(dir []byte, n uint32, at int64) ([]bitmapDirEntry, err
 			GranBits:    dir[p+17],
 			Extra:       append([]byte(nil), dir[p+24:p+24+extra]...),
 			Name:        string(dir[p+24+extra : end]),
-		}
-		if nameSize == 0 {
-			return nil, formatErr(at, "Bitmap with empty name in the bitmap directory")
 		}
 		out = append(out, e)
 		p = (end + 7) &^ 7
@@ -154,6 +161,9 @@ func (img *image) bitmapsAutoclear() uint64 {
 func (img *image) loadBitmaps(ctx context.Context) error {
 	h := img.hdr
 	if h.Version < 3 {
+		if h.Bitmaps != nil {
+			img.log.Warn("This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent")
+		}
 		return nil
 	}
 	img.bm.managed = true
@@ -162,6 +172,7 @@ func (img *image) loadBitmaps(ctx context.Context) error {
 		return nil
 	}
 	if h.AutoclearFeatures&AutoclearBitmaps == 0 {
+		img.log.Warn("a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
 		img.bm.stale = true
 		return nil
 	}
@@ -170,10 +181,13 @@ func (img *image) loadBitmaps(ctx context.Context) error {
 	}
 	fsize := img.file.SizeNow()
 	cs := img.cs
-	if ext.NbBitmaps > MaxBitmaps || ext.DirectorySize > bmMaxDirectory ||
-		int64(ext.DirectoryOffset)%cs != 0 || !inFile(ext.DirectoryOffset, ext.DirectorySize, fsize) {
+	if ext.NbBitmaps > MaxBitmaps || ext.DirectorySize > bmMaxDirectory || int64(ext.DirectoryOffset)%cs != 0 {
 		return qapi.Errorf(qapi.GenericError, "qcow2: invalid bitmaps extension (directory at %#x, %d bytes, %d bitmaps)",
 			ext.DirectoryOffset, ext.DirectorySize, ext.NbBitmaps)
+	}
+	if !inFile(ext.DirectoryOffset, ext.DirectorySize, fsize) {
+		// QEMU reads zeros there, and so finds a bitmap without a name.
+		return qapi.Errorf(qapi.GenericError, "Bitmap '' doesn't satisfy the constraints")
 	}
 	dir := make([]byte, ext.DirectorySize)
 	if err := img.file.ReadV(ctx, int64(ext.DirectoryOffset), [][]byte{dir}); err != nil {
@@ -186,8 +200,14 @@ func (img *image) loadBitmaps(ctx context.Context) error {
 	size := img.size.Load()
 	for i := range es {
 		e := &es[i]
+		if err := e.constraintsErr(cs); err != nil {
+			return err
+		}
 		if !e.usable() {
 			continue
+		}
+		if graph.BitmapBytes(1<<e.GranBits, size) > graph.MaxBitmapBytes {
+			return qapi.Errorf(qapi.GenericError, "qcow2: bitmap '%s' is too large to load (granularity %d over %d bytes)", e.Name, int64(1)<<e.GranBits, size)
 		}
 		spec := graph.BitmapSpec{
 			Name: e.Name, Granularity: 1 << e.GranBits, Enabled: e.Flags&bmeAuto != 0,
@@ -310,8 +330,11 @@ func (img *image) readBitmapData(ctx context.Context, e *bitmapDirEntry, size, f
 	gran := int64(1) << e.GranBits
 	nbytes := ((size+gran-1)/gran + 7) / 8
 	want := (nbytes + cs - 1) / cs
+	// QEMU's message for every bitmap that cannot be read; what is wrong
+	// goes with the wrapped error (not in the message, as in QEMU's).
 	bad := func(what string) error {
-		return qapi.Errorf(qapi.GenericError, "qcow2: bitmap '%s': %s", e.Name, what)
+		return &qapi.Error{Class: qapi.GenericError, Desc: fmt.Sprintf("Could not read bitmap '%s' from image: Invalid argument", e.Name),
+			Err: &FormatError{Offset: e.TableOffset, Msg: what}}
 	}
 	if int64(e.TableSize) != want || e.TableSize > bmMaxTableSize {
 		return nil, bad(fmt.Sprintf("bitmap table has %d entries, the image needs %d", e.TableSize, want))

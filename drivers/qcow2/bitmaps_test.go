@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"blockbackend/graph"
@@ -408,5 +409,58 @@ func TestBitmapsReopen(t *testing.T) {
 	_, ro := openQcow2(t, p, true, nil)
 	if got := dirtyChunks(findBitmap(t, ro, "b0"), 16<<20); !reflect.DeepEqual(got, []int64{0, 32}) {
 		t.Fatalf("dirty chunks %v", got)
+	}
+}
+
+// Images whose bitmap directory breaks the rules do not open, with
+// QEMU's messages (qemu-img 7.2 refuses them the same way).
+func TestBitmapsInvalid(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		poke func(p string, h *Header)
+		want string
+	}{
+		{"table size", func(p string, h *Header) {
+			poke32(t, p, int64(h.Bitmaps.DirectoryOffset)+8, 2)
+		}, "Could not read bitmap 'b0' from image: Invalid argument"},
+		{"granularity", func(p string, h *Header) {
+			f, _ := os.OpenFile(p, os.O_RDWR, 0)
+			f.WriteAt([]byte{40}, int64(h.Bitmaps.DirectoryOffset)+17)
+			f.Close()
+		}, "Bitmap 'b0' doesn't satisfy the constraints"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newImage(t, "", "16M")
+			must(t, "qemu-img", "bitmap", "--add", p, "b0")
+			_, h := openTestImage(t, p)
+			tc.poke(p, h)
+			_, errs, code := run(t, "qemu-img", "info", p)
+			if code == 0 || !strings.Contains(errs, tc.want) {
+				t.Fatalf("qemu-img info: exit %d: %s", code, errs)
+			}
+			for _, ro := range []bool{true, false} {
+				g := graph.New(nil)
+				_, err := g.Add(context.Background(), map[string]any{"driver": "qcow2", "node-name": "q", "read-only": ro,
+					"file": map[string]any{"driver": "file", "filename": p}}, qapi.JSON)
+				g.Close()
+				if err == nil || err.Error() != tc.want {
+					t.Fatalf("open read-only=%v: %v, want %q", ro, err, tc.want)
+				}
+			}
+		})
+	}
+}
+
+func poke32(t testing.TB, p string, off int64, v uint32) {
+	t.Helper()
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var b [4]byte
+	b[0], b[1], b[2], b[3] = byte(v>>24), byte(v>>16), byte(v>>8), byte(v)
+	if _, err := f.WriteAt(b[:], off); err != nil {
+		t.Fatal(err)
 	}
 }
