@@ -604,9 +604,11 @@ func (img *image) storeBitmapsLocked(ctx context.Context) error {
 			}
 			e.TableOffset, e.TableSize = off, n
 		}
-		e.Name, e.Type, e.Extra = b.Name(), bmeTypeDirty, nil
+		// Extra data of an extra_data_compatible bitmap "must be left as
+		// is" (qcow2.txt "Bitmap directory"), with its flag.
+		e.Name, e.Type = b.Name(), bmeTypeDirty
 		e.GranBits = uint8(log2(b.Granularity()))
-		e.Flags = 0
+		e.Flags &= bmeExtraDataComp
 		if st.Enabled {
 			e.Flags |= bmeAuto
 		}
