@@ -43,6 +43,7 @@ type DirtyBitmap struct {
 	mu           sync.Mutex // guards everything below
 	words        []uint64   // bit k is bit k%64 of words[k/64]
 	nbits        int64
+	size         int64 // the node's virtual size the bitmap covers
 	enabled      bool
 	persistent   bool
 	readOnly     bool
@@ -67,7 +68,7 @@ type BitmapSpec struct {
 
 func newBitmap(name string, gran, size int64) *DirtyBitmap {
 	nb := (size + gran - 1) / gran
-	return &DirtyBitmap{name: name, gran: gran, nbits: nb, words: make([]uint64, (nb+63)/64)}
+	return &DirtyBitmap{name: name, gran: gran, nbits: nb, size: size, words: make([]uint64, (nb+63)/64)}
 }
 
 // Name is the bitmap's name.
@@ -170,6 +171,7 @@ func (b *DirtyBitmap) setRange(off, n int64) {
 func (b *DirtyBitmap) Resize(size int64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.size = size
 	nb := (size + b.gran - 1) / b.gran
 	if nb == b.nbits {
 		return
@@ -457,5 +459,76 @@ func (g *Graph) EnableBitmap(node, name string, enable bool) error {
 	b.mu.Lock()
 	b.enabled = enable
 	b.mu.Unlock()
+	return nil
+}
+
+// BitmapRef names a bitmap: on a given node, or (Node "") on the node of
+// the command.
+type BitmapRef struct {
+	Node, Name string
+}
+
+// MergeBitmaps is block-dirty-bitmap-merge: the bits of every source are
+// added to target (any granularity; the same size), with QEMU's checks:
+// the target must be usable and writable, the sources usable.
+func (g *Graph) MergeBitmaps(node, target string, sources []BitmapRef) error {
+	_, dst, err := g.lookupBitmap(node, target)
+	if err != nil {
+		return err
+	}
+	if err := dst.check(bmCheckBusy | bmCheckRO | bmCheckInconsistent); err != nil {
+		return err
+	}
+	var srcs []*DirtyBitmap
+	for _, r := range sources {
+		n := r.Node
+		if n == "" {
+			n = node
+		}
+		_, src, err := g.lookupBitmap(n, r.Name)
+		if err != nil {
+			return err
+		}
+		if err := src.check(bmCheckBusy | bmCheckInconsistent); err != nil {
+			return err
+		}
+		srcs = append(srcs, src)
+	}
+	for _, src := range srcs {
+		if err := dst.merge(src); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// merge adds src's dirty chunks to b.
+func (b *DirtyBitmap) merge(src *DirtyBitmap) error {
+	if src == b {
+		return nil
+	}
+	src.mu.Lock()
+	words, nbits, gran := append([]uint64(nil), src.words...), src.nbits, src.gran
+	srcSize := src.size
+	src.mu.Unlock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if srcSize != b.size {
+		return qapi.Errorf(qapi.GenericError, "Bitmaps are of different sizes (destination size is %d, source size is %d) and can't be merged", b.size, srcSize)
+	}
+	for k := int64(0); k < nbits; k++ {
+		if words[k/64]&(1<<(k%64)) == 0 {
+			continue
+		}
+		first := k * gran / b.gran
+		last := min(((k+1)*gran-1)/b.gran, b.nbits-1)
+		for j := first; j <= last; j++ {
+			w, m := j/64, uint64(1)<<(j%64)
+			if b.words[w]&m == 0 {
+				b.words[w] |= m
+				b.modified = true
+			}
+		}
+	}
 	return nil
 }

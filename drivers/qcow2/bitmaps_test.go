@@ -464,3 +464,43 @@ func poke32(t testing.TB, p string, off int64, v uint32) {
 		t.Fatal(err)
 	}
 }
+
+// block-dirty-bitmap-merge adds the bits of bitmaps of any granularity;
+// a merged persistent bitmap is stored.
+func TestBitmapsMerge(t *testing.T) {
+	ctx := context.Background()
+	p := newImage(t, "", "16M")
+	g, n := openQcow2(t, p, false, nil)
+	g4k, g128k := uint32(4096), uint32(128<<10)
+	for _, o := range []graph.BitmapAddOptions{
+		{Node: "q", Name: "fine", Granularity: &g4k},
+		{Node: "q", Name: "coarse", Granularity: &g128k},
+		{Node: "q", Name: "p", Persistent: true, Disabled: true},
+	} {
+		if err := g.AddBitmap(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := n.WriteAt(ctx, []byte{1}, 5<<20+70000, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.ClearBitmap("q", "coarse"); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, []byte{1}, 1<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.MergeBitmaps("q", "p", []graph.BitmapRef{{Name: "fine"}, {Node: "q", Name: "coarse"}}); err != nil {
+		t.Fatal(err)
+	}
+	// fine: chunk 5M+64K (4K chunk) and 1M; coarse: 1M..1M+128K.
+	if got := dirtyChunks(findBitmap(t, n, "p"), 16<<20); !reflect.DeepEqual(got, []int64{16, 17, 81}) {
+		t.Fatalf("merged chunks %v", got)
+	}
+	g.Close()
+	checkClean(t, p)
+	_, ro := openQcow2(t, p, true, nil)
+	if got := dirtyChunks(findBitmap(t, ro, "p"), 16<<20); !reflect.DeepEqual(got, []int64{16, 17, 81}) {
+		t.Fatalf("stored chunks %v", got)
+	}
+}
