@@ -300,8 +300,9 @@ func (n *Node) Truncate(ctx context.Context, size int64, exact bool, prealloc st
 	if err := t.Truncate(ctx, size, exact, prealloc); err != nil {
 		return err
 	}
-	n.resizeBitmaps(size)
-	return n.refreshSize()
+	err = n.refreshSize()
+	n.resizeBitmaps(n.SizeNow())
+	return err
 }
 
 // RefreshSize asks the driver for the size again (after a child grew).
