@@ -9,7 +9,9 @@
 // driver: versions 2 and 3, cluster sizes 512 B – 2 MiB, refcount widths
 // 1–64 bits, zero clusters, compressed clusters (deflate and zstd), extended
 // L2 entries with subclusters, external data files (raw or not), backing
-// chains, lazy refcounts with the dirty bit, and the corrupt bit.
+// chains, lazy refcounts with the dirty bit, the corrupt bit, and
+// persistent dirty bitmaps (bitmaps.go: loaded into the graph's bitmaps,
+// stored back on close).
 //
 // # Requests and locks
 //
@@ -35,7 +37,8 @@
 //
 // Lock order: image.resize (shared by every request, exclusive for
 // truncate and for the offline operations) → image.meta → image.dcMu
-// (the small cache of inflated compressed clusters, also taken alone).
+// (the small cache of inflated compressed clusters, also taken alone);
+// the graph's bitmap locks come after image.meta.
 // Nothing is locked while waiting for an in-flight allocation. Requests
 // on children (file, data-file, backing) take those nodes' own locks
 // below ours.

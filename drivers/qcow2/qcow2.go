@@ -75,6 +75,7 @@ type image struct {
 	// silences further reports.
 	corruptSeen bool
 	mp          metaPrealloc // see prealloc.go
+	bm          bitmapState  // persistent bitmaps (bitmaps.go)
 
 	// dcMu guards dc, the last inflated compressed clusters. Lock order:
 	// meta → dcMu (dcMu is also taken alone).
@@ -231,6 +232,9 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	}
 
 	img.freeHint = 0
+	if err := img.loadBitmaps(ctx); err != nil {
+		return nil, err
+	}
 	if opts.CacheCleanInterval != nil && *opts.CacheCleanInterval > 0 {
 		img.stopClean = make(chan struct{})
 		go img.cleaner(time.Duration(*opts.CacheCleanInterval)*time.Second, img.stopClean)
@@ -388,8 +392,12 @@ func (img *image) Info() map[string]any {
 	img.meta.Lock()
 	h := img.hdr
 	corrupt := img.corrupt
+	bitmaps := img.bitmapInfoLocked()
 	img.meta.Unlock()
 	d := map[string]any{}
+	if bitmaps != nil {
+		d["bitmaps"] = bitmaps
+	}
 	if h.Version == 2 {
 		d["compat"] = "0.10"
 	} else {
@@ -481,7 +489,7 @@ func (img *image) beginWriteLocked(ctx context.Context) error {
 		return nil
 	}
 	h := *img.hdr
-	h.AutoclearFeatures &= AutoclearDataFileRaw
+	h.AutoclearFeatures &= AutoclearDataFileRaw | img.bitmapsAutoclear()
 	if needDirty {
 		h.IncompatibleFeatures |= IncompatDirty
 	}
