@@ -120,3 +120,33 @@ func TestReadZerosNoAlloc(t *testing.T) {
 		}
 	}
 }
+
+// TestReadAcrossL1 reads ranges that start where no L2 table maps and
+// end where one does (and the other way round): the L1-only check for
+// empty ranges must not take them for zeros.
+func TestReadAcrossL1(t *testing.T) {
+	const span = 512 << 20 // one L1 entry with 64 KiB clusters
+	p := makeQemuImage(t, t.TempDir(), "a.qcow2", "", "2G",
+		"write -P 0x11 512M 4k", "write -P 0x22 1572860k 4k") // 1536M - 4k
+	_, n := openQcow2(t, p, true, nil)
+	ctx := context.Background()
+	for _, c := range []struct {
+		off int64
+		pat byte
+	}{{span - 4096, 0x11}, {3*span - 8192, 0x22}} {
+		got := make([]byte, 3*4096)
+		for i := range got {
+			got[i] = 0xee
+		}
+		if err := n.ReadV(ctx, c.off, [][]byte{got[:5000], got[5000:]}); err != nil {
+			t.Fatal(err)
+		}
+		want := make([]byte, len(got))
+		for i := 4096; i < 8192; i++ {
+			want[i] = c.pat
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("read at %#x: %s", c.off, firstDiff(got, want))
+		}
+	}
+}

@@ -224,16 +224,30 @@ func copyToIOV(iov [][]byte, src []byte) {
 // compressed ones decompressed, zero clusters as zeros, and unallocated
 // ones from the backing node (zeros past its end, or without one).
 //
-// The first mapping is looked up in the same critical section that
-// registers the request, and a request that only reads zeros (zero
-// clusters, unallocated ones without a backing node: an empty image) is
-// served right there: it reads no host cluster, so it needs no place in
-// the reuse quarantine of freed clusters, and costs one lock round trip.
+// Reads of zeros are the cheap case: a request whose range no L2 table
+// maps (an empty image) is checked first, on the L1 table alone, so that
+// this path stays short — an export's per-request goroutine then runs it
+// within its first stack, with no stack growth to pay.
 func (img *image) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 	img.resize.RLock()
 	defer img.resize.RUnlock()
 	total := iovLen(iov)
 	img.meta.Lock()
+	if img.backing == nil && img.noL2Locked(off, total) {
+		img.meta.Unlock()
+		zeroIOV(iov)
+		return nil
+	}
+	return img.readMetaHeld(ctx, off, iov, total)
+}
+
+// readMetaHeld is the rest of ReadV, called with meta held, which it
+// releases. The first mapping is looked up in the same critical section
+// that registers the request; a request that then only reads zeros (zero
+// clusters, unallocated ones without a backing node) reads no host
+// cluster, so it is served without a place in the reuse quarantine of
+// freed clusters.
+func (img *image) readMetaHeld(ctx context.Context, off int64, iov [][]byte, total int64) error {
 	m, err := img.lookupLocked(ctx, off, total)
 	if err != nil {
 		img.meta.Unlock()
@@ -248,6 +262,20 @@ func (img *image) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 	img.meta.Unlock()
 	defer img.endReq(seq)
 	return img.readFrom(ctx, off, iov, total, m)
+}
+
+// noL2Locked reports whether no L2 table maps any of the guest bytes
+// [off, off+n): they are all unallocated.
+func (img *image) noL2Locked(off, n int64) bool {
+	if n <= 0 {
+		return true
+	}
+	for i := img.geo.L1Index(off); i <= img.geo.L1Index(off+n-1) && i < uint64(len(img.l1)); i++ {
+		if L1Entry(img.l1[i]).Offset() != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // readsZeros reports whether the guest bytes of m read as zeros without
