@@ -19,10 +19,18 @@ func (img *image) ReadQuick(off int64, iov [][]byte) bool {
 		return false
 	}
 	defer img.resize.RUnlock()
+	total := iovLen(iov)
+	if img.backing == nil && img.meta.TryRLock() {
+		unmapped := img.noL2Locked(off, total)
+		img.meta.RUnlock()
+		if unmapped {
+			zeroIOV(iov)
+			return true
+		}
+	}
 	if !img.meta.TryLock() {
 		return false
 	}
-	total := iovLen(iov)
 	ok := false
 	var m mapping
 	if soff, _, err := img.l2SliceAddrLocked(context.Background(), off); err == nil && (soff == 0 || img.l2c.has(soff)) {

@@ -232,22 +232,28 @@ func (img *image) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 	img.resize.RLock()
 	defer img.resize.RUnlock()
 	total := iovLen(iov)
-	img.meta.Lock()
-	if img.backing == nil && img.noL2Locked(off, total) {
-		img.meta.Unlock()
-		zeroIOV(iov)
-		return nil
+	if img.backing == nil {
+		// Concurrent reads of an empty image do not even queue behind
+		// each other: the check only reads the L1 table, under meta
+		// shared.
+		img.meta.RLock()
+		unmapped := img.noL2Locked(off, total)
+		img.meta.RUnlock()
+		if unmapped {
+			zeroIOV(iov)
+			return nil
+		}
 	}
-	return img.readMetaHeld(ctx, off, iov, total)
+	return img.readMapped(ctx, off, iov, total)
 }
 
-// readMetaHeld is the rest of ReadV, called with meta held, which it
-// releases. The first mapping is looked up in the same critical section
-// that registers the request; a request that then only reads zeros (zero
-// clusters, unallocated ones without a backing node) reads no host
-// cluster, so it is served without a place in the reuse quarantine of
-// freed clusters.
-func (img *image) readMetaHeld(ctx context.Context, off int64, iov [][]byte, total int64) error {
+// readMapped is the rest of ReadV. The first mapping is looked up in the
+// same critical section that registers the request; a request that then
+// only reads zeros (zero clusters, unallocated ones without a backing
+// node) reads no host cluster, so it is served without a place in the
+// reuse quarantine of freed clusters.
+func (img *image) readMapped(ctx context.Context, off int64, iov [][]byte, total int64) error {
+	img.meta.Lock()
 	m, err := img.lookupLocked(ctx, off, total)
 	if err != nil {
 		img.meta.Unlock()
