@@ -6,7 +6,9 @@ package graph
 // unallocated ones without a backing node (an empty image), cost it a
 // table look-up and clearing the buffers, less than starting a goroutine
 // for them: an export's ring worker can answer such reads in line, as
-// QEMU answers them in a coroutine without leaving its event loop.
+// QEMU answers them in a coroutine without leaving its event loop. A
+// caller that serves a ring on one goroutine may keep to small requests:
+// clearing a large buffer in line holds up the requests behind it.
 type QuickReader interface {
 	// ReadQuick reads len(iov) bytes at off into iov if it can do so
 	// without I/O and without blocking, and reports whether it did. The
