@@ -22,7 +22,11 @@
 // and never across guest data I/O:
 //
 //   - a read looks up one extent under meta, drops it and reads the data
-//     (from the file or data-file child, the backing node, or zeros);
+//     (from the file or data-file child, the backing node, or zeros); a
+//     read of a range that no L2 table maps, without a backing node, is
+//     decided on the L1 table alone with meta held shared (an RWMutex,
+//     taken shared nowhere else), and reads of zeros need no place in
+//     the free quarantine, as they read no host cluster;
 //   - a write to clusters that are allocated and owned (COPIED) looks them
 //     up under meta and writes in place;
 //   - a write that needs allocation (unallocated, zero, compressed or

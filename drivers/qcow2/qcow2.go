@@ -43,8 +43,10 @@ type image struct {
 
 	size atomic.Int64 // virtual size
 
-	// meta guards every field below.
-	meta sync.Mutex
+	// meta guards every field below. Only ReadV's check for an unmapped
+	// range (the L1 table alone) takes it shared: everything else, reads
+	// included (the caches change on every look-up), takes it exclusively.
+	meta sync.RWMutex
 	hdr  *Header
 	// l1 is the active L1 table; l1Dirty marks entries to write back.
 	l1      []uint64
