@@ -9,7 +9,6 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -679,7 +678,7 @@ type queue struct {
 	started bool // a kick fd arrived
 	enabled bool
 
-	kick *os.File
+	kick int // the kick eventfd, or -1
 
 	// callMu guards call and errFD against being closed while a request
 	// goroutine signals them.
@@ -695,7 +694,7 @@ type queue struct {
 }
 
 func newQueue(s *session, idx int) *queue {
-	q := &queue{s: s, idx: idx, call: -1, errFD: -1}
+	q := &queue{s: s, idx: idx, kick: -1, call: -1, errFD: -1}
 	q.chains.New = func() any { return new(virtq.Chain) }
 	return q
 }
@@ -711,16 +710,16 @@ func (q *queue) setKick(fd int) error {
 		unix.Close(fd)
 		return fmt.Errorf("queue %d: kick fd: %w", q.idx, err)
 	}
-	// A non-blocking fd handed to os.NewFile is served by Go's poller, so a
-	// waiting ring costs a parked goroutine, not a thread.
-	q.kick = os.NewFile(uintptr(fd), fmt.Sprintf("vhost-user-kick-%d", q.idx))
+	// Non-blocking, as the frontend has it: the file description is
+	// shared with it. The worker waits for it with poll(2).
+	q.kick = fd
 	return nil
 }
 
 func (q *queue) closeKick() {
-	if q.kick != nil {
-		q.kick.Close()
-		q.kick = nil
+	if q.kick >= 0 {
+		unix.Close(q.kick)
+		q.kick = -1
 	}
 	q.started = false
 }
@@ -750,9 +749,6 @@ func (q *queue) closeFDs() {
 }
 
 var one = [8]byte{1}
-
-// pastTime wakes a worker waiting for a kick; zeroTime clears that.
-var pastTime, zeroTime = time.Unix(1, 0), time.Time{}
 
 func (q *queue) signal() {
 	q.callMu.RLock()
@@ -809,8 +805,11 @@ func (q *queue) maybeStart() error {
 		return fmt.Errorf("queue %d: %w", q.idx, err)
 	}
 	vq.SetLog(q.log.Load())
-	q.vq = vq
-	q.ring = startRing(q, vq, q.kick)
+	r, err := startRing(q, vq, q.kick)
+	if err != nil {
+		return fmt.Errorf("queue %d: %w", q.idx, err)
+	}
+	q.vq, q.ring = vq, r
 	return nil
 }
 

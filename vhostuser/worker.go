@@ -1,11 +1,11 @@
 package vhostuser
 
 import (
-	"errors"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"blockbackend/vhostuser/virtq"
 )
@@ -63,7 +63,10 @@ const (
 type ring struct {
 	q    *queue
 	vq   *virtq.Queue
-	kick *os.File
+	kick int // the kick eventfd (non-blocking; the queue owns it)
+	// stopFD is an eventfd that stop makes readable, to end the wait
+	// for a kick.
+	stopFD int
 
 	stopping atomic.Bool
 	worker   chan struct{}  // closed when the last worker exits
@@ -85,8 +88,12 @@ type ring struct {
 	unsent   int           // worker-owned: completions not yet announced
 }
 
-func startRing(q *queue, vq *virtq.Queue, kick *os.File) *ring {
-	r := &ring{q: q, vq: vq, kick: kick, worker: make(chan struct{}), work: make(chan *virtq.Chain)}
+func startRing(q *queue, vq *virtq.Queue, kick int) (*ring, error) {
+	stopFD, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return nil, err
+	}
+	r := &ring{q: q, vq: vq, kick: kick, stopFD: stopFD, worker: make(chan struct{}), work: make(chan *virtq.Chain)}
 	r.watchdog = time.AfterFunc(time.Hour, r.tick)
 	r.watchdog.Stop()
 	r.gs.Add(1)
@@ -94,7 +101,7 @@ func startRing(q *queue, vq *virtq.Queue, kick *os.File) *ring {
 		defer r.gs.Done()
 		r.loop()
 	}()
-	return r
+	return r, nil
 }
 
 // stop halts the worker, waits for every request to complete and for the
@@ -102,17 +109,13 @@ func startRing(q *queue, vq *virtq.Queue, kick *os.File) *ring {
 func (r *ring) stop() {
 	r.stopping.Store(true)
 	// Wake the worker if it waits for a kick; it sees stopping and exits.
-	if r.kick != nil {
-		_ = r.kick.SetReadDeadline(pastTime)
-	}
+	_, _ = unix.Write(r.stopFD, one[:])
 	<-r.worker
-	if r.kick != nil {
-		_ = r.kick.SetReadDeadline(zeroTime)
-	}
 	r.reqs.Wait()
 	close(r.work)
 	r.gs.Wait()
 	r.watchdog.Stop()
+	unix.Close(r.stopFD)
 }
 
 // loop is the worker: it drains the ring and waits for kicks until the
@@ -120,7 +123,6 @@ func (r *ring) stop() {
 func (r *ring) loop() {
 	// Completions an earlier worker left unannounced (after a handoff).
 	r.flush()
-	var buf [8]byte
 	for !r.stopping.Load() {
 		switch r.drain() {
 		case drainBroken:
@@ -132,12 +134,38 @@ func (r *ring) loop() {
 			r.helper(nil)
 			return
 		}
-		if _, err := r.kick.Read(buf[:]); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		if !r.waitKick() {
 			break
 		}
 	}
 	r.flush()
 	close(r.worker)
+}
+
+// waitKick waits for the driver's kick and consumes it. It returns false
+// when the ring stops or the kick fd fails.
+//
+// The wait is poll(2) on this goroutine's thread rather than Go's network
+// poller: the kick then wakes the thread that serves the ring directly,
+// which at queue depth 1 saves a handoff through the poller's thread (a
+// waiting ring thus holds a thread, as each queue of qemu-storage-daemon
+// does).
+func (r *ring) waitKick() bool {
+	pfd := [2]unix.PollFd{{Fd: int32(r.kick), Events: unix.POLLIN}, {Fd: int32(r.stopFD), Events: unix.POLLIN}}
+	for {
+		_, err := unix.Poll(pfd[:], -1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || pfd[1].Revents != 0 || pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+			return false
+		}
+		if pfd[0].Revents&unix.POLLIN != 0 {
+			var buf [8]byte
+			_, _ = unix.Read(r.kick, buf[:])
+			return true
+		}
+	}
 }
 
 const (
