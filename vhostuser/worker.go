@@ -23,13 +23,14 @@ import (
 //
 // A request that outlasts inlineHandoff on the worker (a flush on a slow
 // disk) must not hold up the ones behind it. A watchdog timer ticks every
-// inlineHandoff while the worker serves requests (not per request: a
-// timer reset costs as much as a fast request's transport); a tick that
-// finds the worker still on the request the previous tick saw makes its
-// own goroutine the worker, which first announces what the old worker
+// inlineHandoff while the worker serves requests (rather than being reset
+// for each request, which would cost about a tenth of a fast one); a tick
+// that finds the worker still on the request the previous tick saw makes
+// its own goroutine the worker, which first announces what the old worker
 // completed but had not announced. The old one finishes its request and
 // stays on as a helper. So a slow request holds the ring for one to two
-// ticks.
+// ticks, and the requests after it count as slow (go to helpers) until
+// their average says otherwise.
 //
 // While requests are slow (the average over inlineMax: a disk that takes
 // its time) they are handed to helper goroutines, so that many are in
@@ -268,9 +269,6 @@ func (r *ring) serveInline(c *virtq.Chain) bool {
 	if !r.inline.CompareAndSwap(tok, tok&^3|inlineIdle) {
 		// Another goroutine is the worker now (and owns seq and
 		// unsent); it may have announced before this completion.
-		if !timed {
-			r.observe(inlineHandoff)
-		}
 		r.notify()
 		r.reqs.Done()
 		return false
@@ -294,6 +292,12 @@ func (r *ring) tick() {
 			return
 		}
 		r.armed.Store(false)
+		// Requests are slow now, as far as we know: the next ones go to
+		// helpers until the average says otherwise (a slow disk then
+		// gets its queue depth at once, not one request per tick).
+		if r.svc.Load() < int64(inlineHandoff) {
+			r.svc.Store(int64(inlineHandoff))
+		}
 		// The old worker, still counted in gs, is serving a request:
 		// gs is not zero, so this Add may race with stop's Wait.
 		r.gs.Add(1)
