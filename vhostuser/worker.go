@@ -163,8 +163,13 @@ func (r *ring) waitKick() bool {
 		}
 		if pfd[0].Revents&unix.POLLIN != 0 {
 			var buf [8]byte
-			_, _ = unix.Read(r.kick, buf[:])
-			return true
+			n, err := unix.Read(r.kick, buf[:])
+			if err == unix.EAGAIN || err == unix.EINTR {
+				continue
+			}
+			// An eventfd reads 8 bytes; anything else (a regular file
+			// at its end) would wake us forever.
+			return err == nil && n == 8
 		}
 	}
 }
