@@ -37,6 +37,18 @@ type Device interface {
 	Handle(queue int, c *virtq.Chain) (written uint32)
 }
 
+// QuickHandler is an optional capability of a Device: requests it can
+// serve at once, without I/O and without waiting (a read of zero
+// clusters), the ring's worker serves in line whatever the recent service
+// times, instead of handing them to a helper as it does once requests are
+// slow.
+type QuickHandler interface {
+	// HandleQuick serves c if it can do so without blocking and returns
+	// the bytes written and true; on false c is untouched and Handle
+	// serves it.
+	HandleQuick(queue int, c *virtq.Chain) (written uint32, ok bool)
+}
+
 // maxQueueSize is the largest ring the specification allows.
 const maxQueueSize = 32768
 

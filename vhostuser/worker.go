@@ -220,6 +220,9 @@ func (r *ring) drain() int {
 				break
 			}
 			r.reqs.Add(1)
+			if r.serveQuick(c) {
+				continue // c is free again
+			}
 			if last != nil {
 				r.dispatch(last)
 				last = nil
@@ -247,6 +250,25 @@ func (r *ring) drain() int {
 			return drainIdle
 		}
 	}
+}
+
+// serveQuick serves c on the worker if the device can do so at once
+// (QuickHandler), and reports whether it did.
+func (r *ring) serveQuick(c *virtq.Chain) bool {
+	qh, ok := r.q.s.dev.(QuickHandler)
+	if !ok {
+		return false
+	}
+	written, ok := qh.HandleQuick(r.q.idx, c)
+	if !ok {
+		return false
+	}
+	r.vq.Complete(c, written)
+	r.reqs.Done()
+	if r.unsent++; r.unsent >= batchMax {
+		r.flush()
+	}
+	return true
 }
 
 // serveInline serves c on the worker. It returns false if the watchdog
