@@ -37,6 +37,9 @@ func (n *node) Amend(ctx context.Context, o any, force bool) error {
 	opts := o.(*AmendOptions)
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if n.mk == nil {
+		return graph.ErrNoIO
+	}
 	if opts.Keyslot != nil && (*opts.Keyslot < 0 || *opts.Keyslot >= crypto.NumKeySlots) {
 		return qapi.Errorf(qapi.GenericError, "Invalid keyslot %d specified, must be between 0 and %d", *opts.Keyslot, crypto.NumKeySlots-1)
 	}

@@ -57,8 +57,8 @@ type node struct {
 
 	mu     sync.Mutex // guards hdr and mk (amend changes them; I/O does not read them)
 	hdr    *crypto.Header
-	mk     []byte // the master key, kept for amend; cleared on Close
-	cipher *crypto.SectorCipher
+	mk     []byte               // the master key, kept for amend; cleared on Close
+	cipher *crypto.SectorCipher // nil when opened with graph's NoIO
 
 	secrets func(id string) ([]byte, error) // the graph's secret objects, for amend
 
@@ -107,6 +107,15 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	h, err := readHeader(ctx, f)
 	if err != nil {
 		return nil, err
+	}
+	if oc.NoIO() {
+		// Metadata only (img info): QEMU neither needs nor checks the
+		// key then, so neither do we; data I/O gets graph.ErrNoIO.
+		n := &node{file: f, payload: int64(h.PayloadOffset) * sectorSize, hdr: h}
+		if f.SizeNow() < n.payload {
+			return nil, fmt.Errorf("Could not refresh total sector count: %w", syscall.EIO)
+		}
+		return n, nil
 	}
 	if opts.KeySecret == "" {
 		return nil, qapi.Errorf(qapi.GenericError, "Parameter 'key-secret' is required for cipher")
@@ -179,6 +188,9 @@ const chunk = 1 << 20
 var bufPool = sync.Pool{New: func() any { b := make([]byte, chunk+2*sectorSize); return &b }}
 
 func (n *node) ReadV(ctx context.Context, off int64, iov [][]byte) error {
+	if n.cipher == nil {
+		return graph.ErrNoIO
+	}
 	total := int64(0)
 	for _, b := range iov {
 		total += int64(len(b))
@@ -213,6 +225,9 @@ func (n *node) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 }
 
 func (n *node) WriteV(ctx context.Context, off int64, iov [][]byte, flags graph.WriteFlags) error {
+	if n.cipher == nil {
+		return graph.ErrNoIO
+	}
 	total := int64(0)
 	for _, b := range iov {
 		total += int64(len(b))
@@ -301,6 +316,9 @@ func (n *node) Flush(ctx context.Context) error { return n.file.Flush(ctx) }
 // that rounded up to whole sectors, as in QEMU); the new part reads as
 // whatever the file holds there decrypted, as in QEMU: not zeros.
 func (n *node) Truncate(ctx context.Context, size int64, exact bool, prealloc string) error {
+	if n.cipher == nil {
+		return graph.ErrNoIO
+	}
 	return n.file.Truncate(ctx, n.payload+size, exact, prealloc)
 }
 
