@@ -62,9 +62,11 @@ type node struct {
 
 	secrets func(id string) ([]byte, error) // the graph's secret objects, for amend
 
-	// rmw serialises read-modify-write of partial sectors: two writes
-	// into different bytes of one sector must not lose each other.
-	rmw [64]sync.Mutex
+	// writes serialises every write against a read-modify-write of a
+	// sector it overlaps (see rangeLock); rmwHook, when set by a test,
+	// runs between the read and the write of an RMW.
+	writes  rangeLock
+	rmwHook func()
 }
 
 func readFunc(ctx context.Context, f *graph.Node) crypto.ReadFunc {
@@ -255,34 +257,24 @@ func (n *node) writeChunk(ctx context.Context, buf []byte, start, pos, l int64, 
 	end := start + int64(len(buf))
 	headPartial := pos != start
 	tailPartial := pos+l != end
-	if headPartial || tailPartial {
-		// Lock the partial sectors (in order, to avoid deadlock).
-		locks := []*sync.Mutex{n.rmwLock(start)}
-		if last := n.rmwLock(end - sectorSize); last != locks[0] {
-			if start/sectorSize%int64(len(n.rmw)) > (end-sectorSize)/sectorSize%int64(len(n.rmw)) {
-				locks = []*sync.Mutex{last, locks[0]}
-			} else {
-				locks = append(locks, last)
-			}
+	rmw := headPartial || tailPartial
+	r, err := n.writes.lock(ctx, start/sectorSize, end/sectorSize, rmw)
+	if err != nil {
+		return err
+	}
+	defer n.writes.unlock(r)
+	if headPartial {
+		if err := n.readSector(ctx, buf[:sectorSize], start); err != nil {
+			return err
 		}
-		for _, m := range locks {
-			m.Lock()
+	}
+	if tailPartial && (!headPartial || end-start > sectorSize) {
+		if err := n.readSector(ctx, buf[len(buf)-sectorSize:], end-sectorSize); err != nil {
+			return err
 		}
-		defer func() {
-			for _, m := range locks {
-				m.Unlock()
-			}
-		}()
-		if headPartial {
-			if err := n.readSector(ctx, buf[:sectorSize], start); err != nil {
-				return err
-			}
-		}
-		if tailPartial && (!headPartial || end-start > sectorSize) {
-			if err := n.readSector(ctx, buf[len(buf)-sectorSize:], end-sectorSize); err != nil {
-				return err
-			}
-		}
+	}
+	if rmw && n.rmwHook != nil {
+		n.rmwHook()
 	}
 	dst := buf[pos-start : pos-start+l]
 	for len(dst) > 0 {
@@ -297,10 +289,6 @@ func (n *node) writeChunk(ctx context.Context, buf []byte, start, pos, l int64, 
 		return err
 	}
 	return n.writeFile(ctx, buf, start, flags)
-}
-
-func (n *node) rmwLock(off int64) *sync.Mutex {
-	return &n.rmw[off/sectorSize%int64(len(n.rmw))]
 }
 
 func (n *node) readSector(ctx context.Context, b []byte, off int64) error {
