@@ -426,7 +426,7 @@ func (t *Tool) probeBacking(filename, backing, backingFmt string) (int64, string
 		return 0, "", err
 	}
 	defer g.Close()
-	n, err := g.OpenImage(t.Ctx, path, graph.ImageOptions{Format: backingFmt, ReadOnly: true, ForceShare: true})
+	n, err := g.OpenImage(t.Ctx, path, graph.ImageOptions{Format: backingFmt, ReadOnly: true, ForceShare: true, NoIO: true})
 	if err != nil {
 		return 0, "", fmt.Errorf("%s\nCould not open backing image.", errText(err))
 	}

@@ -227,6 +227,8 @@ type openFlags struct {
 	// plainName: the name is a filename even with --image-opts (convert's
 	// target).
 	plainName bool
+	// noIO: metadata only (graph.ImageOptions.NoIO), as qemu-img info.
+	noIO bool
 }
 
 // open opens filename as qemu-img does (img_open): the graph's
@@ -243,7 +245,7 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 	if err != nil {
 		return nil, err
 	}
-	o := graph.ImageOptions{Format: f.format, ReadOnly: !f.writable, ForceShare: f.forceShare && !f.writable}
+	o := graph.ImageOptions{Format: f.format, ReadOnly: !f.writable, ForceShare: f.forceShare && !f.writable, NoIO: f.noIO}
 	if f.writable { // even with -q, as qemu-img
 		o.Warn = func(s string) { fmt.Fprintln(t.Stderr, s) }
 	}

@@ -192,7 +192,7 @@ func (t *Tool) info(args []string) int {
 		return t.usageErr("Expecting one image file name")
 	}
 	filename := ops[0]
-	im, err := t.open(filename, openFlags{format: format, forceShare: share, noBacking: !chain})
+	im, err := t.open(filename, openFlags{format: format, forceShare: share, noBacking: !chain, noIO: true})
 	if err != nil {
 		return t.errorf("%s", err)
 	}
