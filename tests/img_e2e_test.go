@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bytes"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -95,5 +96,68 @@ func TestIntegrationImgMapPrealloc(t *testing.T) {
 				t.Errorf("-o %s: img %s: qemu-img (%d):\n%s\nours (%d):\n%s", o, strings.Join(args, " "), wc, want, gc, got)
 			}
 		}
+	}
+}
+
+// TestIntegrationImgRebaseQcow2 rebases qcow2 images with both tools:
+// -u leaves byte-identical files, a safe rebase the same guest data, a
+// name readers would refuse gets qemu-img's error and changes nothing.
+func TestIntegrationImgRebaseQcow2(t *testing.T) {
+	needTool(t, "qemu-img")
+	needTool(t, "qemu-io")
+	dir := shortDir(t)
+	sh := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	p := func(n string) string { return filepath.Join(dir, n) }
+	sh("qemu-img", "create", "-q", "-f", "qcow2", p("b1.qcow2"), "4M")
+	sh("qemu-io", "-c", "write -P 1 0 1M", p("b1.qcow2"))
+	sh("qemu-img", "create", "-q", "-f", "qcow2", p("b2.qcow2"), "4M")
+	sh("qemu-io", "-c", "write -P 2 512k 1M", p("b2.qcow2"))
+	for _, n := range []string{"q.qcow2", "o.qcow2"} {
+		sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "b1.qcow2", "-F", "qcow2", p(n))
+		sh("qemu-io", "-c", "write -P 3 3M 64k", p(n))
+	}
+	long := strings.Repeat("x", 1024)
+	run := func(name string, argv ...string) (string, int) {
+		cmd := exec.Command(name, argv...)
+		cmd.Dir = dir
+		out, err := cmd.CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); ok {
+			return string(out), ee.ExitCode()
+		} else if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return string(out), 0
+	}
+	for _, args := range [][]string{
+		{"rebase", "-u", "-b", "b2.qcow2", "-F", "qcow2"},
+		{"rebase", "-u", "-b", long, "-F", "raw"},
+		{"rebase", "-b", "b1.qcow2", "-F", "qcow2"},
+		{"rebase", "-b", ""},
+	} {
+		what := strings.Join(args, " ")[:min(40, len(strings.Join(args, " ")))]
+		want, wc := run("qemu-img", append(args, "q.qcow2")...)
+		got, gc := run(binary, append(append([]string{"img"}, args...), "o.qcow2")...)
+		if want != strings.ReplaceAll(got, "o.qcow2", "q.qcow2") || wc != gc {
+			t.Errorf("img %s: qemu-img (%d):\n%.300s\nours (%d):\n%.300s", what, wc, want, gc, got)
+		}
+		if args[1] == "-u" {
+			q, _ := os.ReadFile(p("q.qcow2"))
+			o, _ := os.ReadFile(p("o.qcow2"))
+			if !bytes.Equal(q, o) {
+				t.Errorf("img %s: the images differ", what)
+			}
+		}
+		if out, _ := run("qemu-img", "compare", "q.qcow2", "o.qcow2"); !strings.Contains(out, "Images are identical") {
+			t.Errorf("after img %s: %s", what, out)
+		}
+	}
+	want, got, _, _ := runBoth(t, dir, "check", "o.qcow2")
+	if want != got || !strings.Contains(want, "No errors") {
+		t.Errorf("check: qemu-img:\n%s\nours:\n%s", want, got)
 	}
 }
