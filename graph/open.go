@@ -13,6 +13,7 @@ import (
 type openTxn struct {
 	created []*Node
 	probed  bool // the next node opened had its format probed
+	noIO    bool // every node is opened for metadata only (OpenContext.NoIO)
 }
 
 // Add opens a node from BlockdevOptions (blockdev-add, --blockdev). The
