@@ -12,6 +12,7 @@ import (
 	"math/bits"
 	"syscall"
 
+	"blockbackend/drivers/crypto"
 	"blockbackend/graph"
 	"blockbackend/qmp/qapi"
 )
@@ -199,6 +200,13 @@ func (img *image) Amend(ctx context.Context, o any, force bool) error {
 // *CreateOptions (its size and file ignored).
 func measureImage(ctx context.Context, createOpts any, size int64, src *graph.Node) (graph.MeasureResult, error) {
 	o, ok := createOpts.(*CreateOptions)
+	if io, isImg := createOpts.(*ImageCreateOptions); isImg {
+		var err error
+		if o, err = io.resolve(); err != nil {
+			return graph.MeasureResult{}, err
+		}
+		ok = true
+	}
 	if !ok {
 		return graph.MeasureResult{}, fmt.Errorf("qcow2: create options of type %T", createOpts)
 	}
@@ -216,8 +224,17 @@ func measureImage(ctx context.Context, createOpts any, size int64, src *graph.No
 		return e("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
 	case o.ExtendedL2 && cs < 1<<MinClusterBitsExtL2:
 		return e("Extended L2 entries are only supported with cluster sizes of at least %d bytes", 1<<MinClusterBitsExtL2)
-	case o.Encrypt != nil:
-		return e("qcow2 encryption (encrypt.*) is not built into blockbackend yet")
+	}
+	// The LUKS header and key material take whole clusters.
+	var cryptoBytes int64
+	if o.Encrypt != nil {
+		if err := validateEncrypt(o.Encrypt, true); err != nil {
+			return graph.MeasureResult{}, err
+		}
+		if o.Encrypt.Format == "luks" {
+			p, _ := o.Encrypt.params()
+			cryptoBytes = (crypto.PayloadOffset(p) + cs - 1) / cs * cs
+		}
 	}
 	if size < 0 {
 		return graph.MeasureResult{}, qapi.Errorf(qapi.GenericError, "Invalid image size specified. Must be between 0 and 9223372036854775807.")
@@ -229,5 +246,10 @@ func measureImage(ctx context.Context, createOpts any, size int64, src *graph.No
 		prealloc:      string(o.Preallocation),
 		v3:            o.Version != "v2",
 	}
-	return p.measure(ctx, size, src)
+	res, err := p.measure(ctx, size, src)
+	if err == nil {
+		res.Required += cryptoBytes
+		res.FullyAllocated += cryptoBytes
+	}
+	return res, err
 }

@@ -297,6 +297,10 @@ func (img *image) BlockStatus(ctx context.Context, off, n int64) (graph.StatusEx
 			ext.Offset, ext.File = m.host, img.data
 		}
 	}
+	if img.crypt != nil {
+		// As QEMU: encrypted data has no offset a reader could use.
+		ext.Offset, ext.File = 0, nil
+	}
 	return ext, nil
 }
 

@@ -36,6 +36,7 @@ type image struct {
 	v3          bool // version 3: zero clusters exist
 	lazy        bool // lazy refcounts in effect
 	passDiscard [3]bool
+	crypt       *imageCrypt // nil: not encrypted (crypt.go)
 
 	// resize is held shared by every request and exclusively by truncate
 	// (and the offline metadata operations): see the package doc.
@@ -152,8 +153,8 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 		img.log = slog.New(slog.DiscardHandler)
 	}
 	img.size.Store(int64(h.Size))
-	if h.CryptMethod != CryptNone {
-		return nil, qapi.Errorf(qapi.GenericError, "qcow2 encryption is not built into blockbackend yet")
+	if err := img.openCrypt(ctx, oc, opts); err != nil {
+		return nil, err
 	}
 	if h.IncompatibleFeatures&IncompatCorrupt != 0 {
 		img.corrupt = true
@@ -409,6 +410,9 @@ func (img *image) Info() map[string]any {
 		}
 		d["data-file-raw"] = h.DataFileRaw()
 	}
+	if e := img.encryptInfo(); e != nil {
+		d["encrypt"] = e
+	}
 	return map[string]any{"type": "qcow2", "data": d}
 }
 
@@ -437,6 +441,7 @@ func (img *image) Close() error {
 		if img.stopClean != nil {
 			close(img.stopClean)
 		}
+		defer img.closeCrypt()
 		if img.readOnly {
 			return
 		}
