@@ -321,6 +321,16 @@ func (img *image) openBacking(ctx context.Context, oc *graph.OpenContext, opts *
 		ref = &graph.ChildRef{Options: m, Mode: qapi.JSON}
 	} else if ref.Null {
 		return nil
+	} else if m := ref.Options; m != nil && m["driver"] == nil && img.hdr.BackingFile != "" && oc.ImageTool() {
+		// qemu-img's backing.* options without a driver (say
+		// backing.encrypt.key-secret for an encrypted backing file)
+		// add to the backing file the header names.
+		hm, err := img.backingOptions(img.hdr.BackingFile, img.hdr.BackingFormat)
+		if err != nil {
+			return err
+		}
+		qapi.Merge(hm, m)
+		ref = &graph.ChildRef{Options: hm, Mode: ref.Mode}
 	}
 	bc, err := oc.OpenChild(ctx, "backing", ref, graph.RoleBacking, true)
 	if err != nil {
