@@ -109,6 +109,8 @@ func openCrypt(g *graph.Graph, name, path string, readOnly bool, encrypt map[str
 }
 
 // The layouts of qemu-img's images the tests read.
+// (qemu-img 7.2 aborts on 24-byte keys in qcow2: aes-192, twofish-192 and
+// serpent-192 key material is not a whole number of sectors.)
 var qemuCryptCases = []struct {
 	name, opts, secret string
 	aes                bool
@@ -118,7 +120,7 @@ var qemuCryptCases = []struct {
 	{"luks-twofish256-xts-extl2", "cluster_size=32k,extended_l2=on,encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=twofish-256", "s", false},
 	{"luks-serpent128-cbc-plain-512", "cluster_size=512,encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=serpent-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain,encrypt.hash-alg=sha512", "s", false},
 	{"luks-cast5-cbc-plain64", "encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc", "s", false},
-	{"luks-aes192-cbc-sha384", "cluster_size=8k,encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=aes-192,encrypt.cipher-mode=cbc,encrypt.hash-alg=sha384", "s", false},
+	{"luks-aes256-cbc-sha384", "cluster_size=8k,encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=aes-256,encrypt.cipher-mode=cbc,encrypt.hash-alg=sha384", "s", false},
 	{"aes", "encrypt.format=aes,encrypt.key-secret=s", "s", true},
 	{"aes-longpass-v2", "compat=0.10,cluster_size=4096,encryption=on,encrypt.key-secret=l", "l", true},
 }
