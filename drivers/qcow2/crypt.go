@@ -48,7 +48,7 @@ func (EncryptFormat) EnumValues() []string { return []string{"qcow", "luks", "ae
 // options' encrypt member): the format, the passphrase's secret and, for
 // LUKS, QCryptoBlockCreateOptionsLUKS's algorithms.
 type EncryptCreateOptions struct {
-	Format       EncryptFormat     `qapi:"format"`
+	Format       EncryptFormat     `qapi:"format,optional"` // required; optional for encryption=on
 	KeySecret    string            `qapi:"key-secret,optional"`
 	CipherAlg    crypto.CipherAlg  `qapi:"cipher-alg,optional"`
 	CipherMode   crypto.CipherMode `qapi:"cipher-mode,optional"`
@@ -83,10 +83,15 @@ func imageCreate(ctx context.Context, cc *graph.CreateContext, o any) error {
 func (o *ImageCreateOptions) resolve() (*CreateOptions, error) {
 	c := o.CreateOptions
 	if o.Encryption {
-		if c.Encrypt != nil {
+		if c.Encrypt != nil && c.Encrypt.Format != "" {
 			return nil, qapi.Errorf(qapi.GenericError, "'encrypt.format' and its alias 'encryption' can't be used at the same time")
 		}
-		c.Encrypt = &EncryptCreateOptions{Format: "qcow"}
+		e := EncryptCreateOptions{}
+		if c.Encrypt != nil {
+			e = *c.Encrypt
+		}
+		e.Format = "qcow"
+		c.Encrypt = &e
 	}
 	return &c, nil
 }
@@ -98,6 +103,9 @@ const defaultIterTime = 2000
 func validateEncrypt(e *EncryptCreateOptions, imageTool bool) error {
 	if e == nil {
 		return nil
+	}
+	if e.Format == "" {
+		return qapi.Errorf(qapi.GenericError, "Parameter 'encrypt.format' is missing")
 	}
 	if e.Format == "aes" {
 		e.Format = "qcow"

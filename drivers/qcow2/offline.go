@@ -201,11 +201,10 @@ func (img *image) Amend(ctx context.Context, o any, force bool) error {
 func measureImage(ctx context.Context, createOpts any, size int64, src *graph.Node) (graph.MeasureResult, error) {
 	o, ok := createOpts.(*CreateOptions)
 	if io, isImg := createOpts.(*ImageCreateOptions); isImg {
-		var err error
-		if o, err = io.resolve(); err != nil {
-			return graph.MeasureResult{}, err
-		}
-		ok = true
+		// qemu-img measure ignores encryption=on and checks only what a
+		// LUKS header needs.
+		c := io.CreateOptions
+		o, ok = &c, true
 	}
 	if !ok {
 		return graph.MeasureResult{}, fmt.Errorf("qcow2: create options of type %T", createOpts)
@@ -227,14 +226,12 @@ func measureImage(ctx context.Context, createOpts any, size int64, src *graph.No
 	}
 	// The LUKS header and key material take whole clusters.
 	var cryptoBytes int64
-	if o.Encrypt != nil {
-		if err := validateEncrypt(o.Encrypt, true); err != nil {
+	if e := o.Encrypt; e != nil && e.Format == "luks" {
+		if err := validateEncrypt(e, true); err != nil {
 			return graph.MeasureResult{}, err
 		}
-		if o.Encrypt.Format == "luks" {
-			p, _ := o.Encrypt.params()
-			cryptoBytes = (crypto.PayloadOffset(p) + cs - 1) / cs * cs
-		}
+		p, _ := e.params()
+		cryptoBytes = (crypto.PayloadOffset(p) + cs - 1) / cs * cs
 	}
 	if size < 0 {
 		return graph.MeasureResult{}, qapi.Errorf(qapi.GenericError, "Invalid image size specified. Must be between 0 and 9223372036854775807.")
