@@ -572,3 +572,47 @@ func TestConformanceEncrypted(t *testing.T) {
 		})
 	}
 }
+
+// TestCryptSnapshot: a write into a cluster an internal snapshot shares
+// copies it on write (decrypted from the old host cluster, encrypted for
+// the new one); qemu-img reads both states.
+func TestCryptSnapshot(t *testing.T) {
+	ctx := context.Background()
+	p := filepath.Join(t.TempDir(), "s.qcow2")
+	g := cryptGraph(t, true)
+	if err := createCrypt(t, g, p, 1<<20, map[string]any{"cluster-size": 4096,
+		"encrypt": map[string]any{"format": "luks", "key-secret": "s", "iter-time": 10}}); err != nil {
+		t.Fatal(err)
+	}
+	n, err := openCrypt(g, "q", p, false, map[string]any{"key-secret": "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := bytes.Repeat([]byte{0xaa}, 1<<20)
+	if err := n.WriteAt(ctx, a, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Instance().(graph.Snapshotter).CreateSnapshot(ctx, graph.SnapshotInfo{Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	b := append([]byte(nil), a...)
+	copy(b[5000:], bytes.Repeat([]byte{0xbb}, 3000))
+	if err := n.WriteAt(ctx, b[5000:8000], 5000, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, n, 1<<20); !bytes.Equal(got, b) {
+		t.Fatalf("after the copy on write: %s", firstDiff(got, b))
+	}
+	if err := g.Delete(ctx, "q"); err != nil {
+		t.Fatal(err)
+	}
+	opts := cryptImageOpts(p, "s")
+	qemuCrypt(t, "qemu-img", "check", "--image-opts", opts)
+	if got := qemuCryptRaw(t, opts); !bytes.Equal(got, b) {
+		t.Fatalf("qemu-img reads the active state: %s", firstDiff(got, b))
+	}
+	qemuCrypt(t, "qemu-img", "snapshot", "-a", "s1", "--image-opts", opts)
+	if got := qemuCryptRaw(t, opts); !bytes.Equal(got, a) {
+		t.Fatalf("qemu-img reads the snapshot: %s", firstDiff(got, a))
+	}
+}
