@@ -185,8 +185,11 @@ type imageCrypt struct {
 	// cipher is nil when the image was opened for metadata only (NoIO).
 	cipher *crypto.SectorCipher
 	hdr    *crypto.Header // LUKS
-	// rmw serialises read-modify-write of partially written sectors.
-	rmw [64]sync.Mutex
+	// rmw orders writes by sector (striped): a write that reads, merges
+	// and rewrites a partially written sector holds its stripe
+	// exclusively, every other write holds the stripes of its sectors
+	// shared, so that no write lands between an RMW's read and write.
+	rmw [64]sync.RWMutex
 }
 
 // openEncryptOptions is the encrypt member of the open options
@@ -472,26 +475,15 @@ func (img *image) writeCryptChunk(ctx context.Context, c *imageCrypt, buf []byte
 	const ss = crypto.SectorSize
 	end := start + int64(len(buf))
 	head, tail := pos != start, pos+l != end
-	if head || tail {
-		a, b := c.rmwLock(start), c.rmwLock(end-ss)
-		if a != b && start/ss%int64(len(c.rmw)) > (end-ss)/ss%int64(len(c.rmw)) {
-			a, b = b, a
+	defer c.lockSectors(start, end, head, tail)()
+	if head {
+		if err := img.readSector(ctx, c, buf[:ss], gstart, start); err != nil {
+			return err
 		}
-		a.Lock()
-		defer a.Unlock()
-		if b != a {
-			b.Lock()
-			defer b.Unlock()
-		}
-		if head {
-			if err := img.readSector(ctx, c, buf[:ss], gstart, start); err != nil {
-				return err
-			}
-		}
-		if tail && (!head || end-start > ss) {
-			if err := img.readSector(ctx, c, buf[len(buf)-ss:], gstart+int64(len(buf))-ss, end-ss); err != nil {
-				return err
-			}
+	}
+	if tail && (!head || end-start > ss) {
+		if err := img.readSector(ctx, c, buf[len(buf)-ss:], gstart+int64(len(buf))-ss, end-ss); err != nil {
+			return err
 		}
 	}
 	dst := buf[pos-start : pos-start+l]
@@ -504,8 +496,46 @@ func (img *image) writeCryptChunk(ctx context.Context, c *imageCrypt, buf []byte
 	return img.data.WriteV(ctx, start, [][]byte{buf}, flags)
 }
 
-func (c *imageCrypt) rmwLock(host int64) *sync.Mutex {
-	return &c.rmw[host/crypto.SectorSize%int64(len(c.rmw))]
+// lockSectors locks the stripes of the host sectors [start, end): the
+// first (head) and last (tail) exclusively when they are partially
+// written, the rest shared. Stripes are taken in index order.
+func (c *imageCrypt) lockSectors(start, end int64, head, tail bool) func() {
+	const ss = crypto.SectorSize
+	n := int64(len(c.rmw))
+	var mode [len(imageCrypt{}.rmw)]uint8 // 0 unused, 1 shared, 2 exclusive
+	if (end-start)/ss >= n {
+		for i := range mode {
+			mode[i] = 1
+		}
+	} else {
+		for s := start; s < end; s += ss {
+			mode[s/ss%n] = 1
+		}
+	}
+	if head {
+		mode[start/ss%n] = 2
+	}
+	if tail {
+		mode[(end-ss)/ss%n] = 2
+	}
+	for i, m := range mode {
+		switch m {
+		case 1:
+			c.rmw[i].RLock()
+		case 2:
+			c.rmw[i].Lock()
+		}
+	}
+	return func() {
+		for i, m := range mode {
+			switch m {
+			case 1:
+				c.rmw[i].RUnlock()
+			case 2:
+				c.rmw[i].Unlock()
+			}
+		}
+	}
 }
 
 func (img *image) readSector(ctx context.Context, c *imageCrypt, b []byte, guest, host int64) error {
