@@ -184,7 +184,12 @@ type imageCrypt struct {
 	method uint32 // CryptAES or CryptLUKS
 	// cipher is nil when the image was opened for metadata only (NoIO).
 	cipher *crypto.SectorCipher
-	hdr    *crypto.Header // LUKS
+	// mu guards hdr and mk (amend changes them; I/O does not read them).
+	mu  sync.Mutex
+	hdr *crypto.Header // LUKS
+	mk  []byte         // LUKS: the master key, kept for amend; cleared on close
+	// secrets are the graph's secret objects (amend's new and old secrets).
+	secrets func(id string) ([]byte, error)
 	// rmw orders writes by sector (striped): a write that reads, merges
 	// and rewrites a partially written sector holds its stripe
 	// exclusively, every other write holds the stripes of its sectors
@@ -260,7 +265,7 @@ func (img *image) openCrypt(ctx context.Context, oc *graph.OpenContext, opts *Op
 	if h.CryptMethod == CryptAES && !oc.ImageTool() {
 		return crypto.LegacyAESRefusal("qcow2", oc.NodeName())
 	}
-	c := &imageCrypt{method: h.CryptMethod}
+	c := &imageCrypt{method: h.CryptMethod, secrets: oc.Secret}
 	if h.CryptMethod == CryptLUKS {
 		if c.hdr, err = img.readLUKSHeader(ctx); err != nil {
 			return err
@@ -303,10 +308,11 @@ func (img *image) openCrypt(ctx context.Context, oc *graph.OpenContext, opts *Op
 		}
 		return err
 	}
-	defer clear(mk)
 	if c.cipher, err = c.hdr.SectorCipher(mk); err != nil {
+		clear(mk)
 		return err
 	}
+	c.mk = mk
 	img.crypt = c
 	return nil
 }
@@ -365,6 +371,8 @@ func (img *image) encryptInfo() map[string]any {
 	if c.method == CryptAES {
 		return map[string]any{"format": "aes"}
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	p, _ := c.hdr.Params()
 	slots := make([]map[string]any, 0, crypto.NumKeySlots)
 	for _, s := range c.hdr.Slots {
@@ -547,8 +555,12 @@ func (img *image) readSector(ctx context.Context, c *imageCrypt, b []byte, guest
 
 // closeCrypt drops the key schedule.
 func (img *image) closeCrypt() {
-	if img.crypt != nil {
-		img.crypt.cipher = nil
+	if c := img.crypt; c != nil {
+		c.mu.Lock()
+		clear(c.mk)
+		c.mk = nil
+		c.cipher = nil
+		c.mu.Unlock()
 	}
 }
 

@@ -664,3 +664,78 @@ func TestCryptConcurrentPartialSectors(t *testing.T) {
 		t.Fatalf("lost partial writes: %s", firstDiff(got, want))
 	}
 }
+
+// TestCryptAmend: LUKS key slots through amend (encrypt.state,
+// new-secret, old-secret, keyslot): a passphrase added opens the image in
+// qemu-img, an erased one no longer does, the data stays; refusals in
+// QEMU's words.
+func TestCryptAmend(t *testing.T) {
+	ctx := context.Background()
+	p := filepath.Join(t.TempDir(), "am.qcow2")
+	g := cryptGraph(t, true)
+	if err := createCrypt(t, g, p, 1<<20, map[string]any{"encrypt": map[string]any{"format": "luks", "key-secret": "s", "iter-time": 10}}); err != nil {
+		t.Fatal(err)
+	}
+	n, err := openCrypt(g, "q", p, false, map[string]any{"key-secret": "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{0x3c}, 1<<20)
+	if err := n.WriteAt(ctx, data, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	am := n.Instance().(graph.Amender)
+	it := int64(10)
+	slot := func(i int64) *int64 { return &i }
+	for _, c := range []struct {
+		o    EncryptAmendOptions
+		want string
+	}{
+		{EncryptAmendOptions{NewSecret: "b"}, "Parameter 'state' is missing"},
+		{EncryptAmendOptions{State: "active"}, "'new-secret' is required to activate a keyslot"},
+		{EncryptAmendOptions{State: "active", NewSecret: "b", Keyslot: slot(0)}, "Refusing to overwrite active keyslot 0 - please erase it first"},
+		{EncryptAmendOptions{State: "inactive", Keyslot: slot(3)}, "Given keyslot 3 is already erased (inactive) "},
+		{EncryptAmendOptions{State: "inactive", Keyslot: slot(8)}, "Invalid keyslot 8 specified, must be between 0 and 7"},
+		{EncryptAmendOptions{State: "inactive", OldSecret: "s"}, "All the active keyslots match the (old) password"},
+		{EncryptAmendOptions{State: "inactive", OldSecret: "w"}, "No keyslots match given (old) password for erase operation"},
+		{EncryptAmendOptions{State: "inactive"}, "either explicit keyslot index or the password"},
+	} {
+		if err := am.Amend(ctx, &AmendOptions{Encrypt: &c.o}, false); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("amend %+v: %v, want %q", c.o, err, c.want)
+		}
+	}
+	if err := am.Amend(ctx, &AmendOptions{Encrypt: &EncryptAmendOptions{State: "active", NewSecret: "b", IterTime: &it}}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := am.Amend(ctx, &AmendOptions{Encrypt: &EncryptAmendOptions{State: "inactive", OldSecret: "s"}}, false); err != nil {
+		t.Fatal(err)
+	}
+	var info struct {
+		FormatSpecific struct {
+			Data struct {
+				Encrypt struct {
+					Slots []struct {
+						Active bool `json:"active"`
+					} `json:"slots"`
+				} `json:"encrypt"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	if err := json.Unmarshal([]byte(mustJSON(n.Instance().(*image).Info())), &info.FormatSpecific); err != nil {
+		t.Fatal(err)
+	}
+	if s := info.FormatSpecific.Data.Encrypt.Slots; len(s) != 8 || s[0].Active || !s[1].Active {
+		t.Errorf("slots after amend: %+v", s)
+	}
+	if err := g.Delete(ctx, "q"); err != nil {
+		t.Fatal(err)
+	}
+	if got := qemuCryptRaw(t, cryptImageOpts(p, "b")); !bytes.Equal(got, data) {
+		t.Fatalf("qemu-img with the new passphrase: %s", firstDiff(got, data))
+	}
+	qemuCrypt(t, "qemu-img", "check", "--image-opts", cryptImageOpts(p, "b"))
+	if _, err := openCrypt(g, "q2", p, true, map[string]any{"key-secret": "s"}); err == nil ||
+		!strings.Contains(err.Error(), "Invalid password, cannot unlock any keyslot") {
+		t.Errorf("the erased passphrase: %v", err)
+	}
+}

@@ -180,8 +180,14 @@ func (img *image) Amend(ctx context.Context, o any, force bool) error {
 	if _, err := validateAmend(&h, opts); err != nil {
 		return err
 	}
+	if opts.Encrypt != nil {
+		if err := img.amendCrypt(ctx, opts.Encrypt, force); err != nil {
+			return err
+		}
+	}
 	rest := *opts
 	rest.Size = nil
+	rest.Encrypt = nil
 	if err := img.offline(ctx, true, func(st Storage, h *Header) error {
 		// A downgrade comes last in QEMU too: size first when both.
 		return amendImage(ctx, st, h, &rest, force)
