@@ -65,3 +65,35 @@ func TestIntegrationImgTool(t *testing.T) {
 		}
 	}
 }
+
+// TestIntegrationImgMapPrealloc compares `img map` with qemu-img map on
+// preallocated qcow2 images: QEMU asks the file whether allocated
+// clusters read as zeros only for a metadata-preallocated image (refcounts
+// claim more than the file holds), not for falloc/full, and it shows the
+// host offset of preallocated subclusters that are not allocated.
+func TestIntegrationImgMapPrealloc(t *testing.T) {
+	needTool(t, "qemu-img")
+	needTool(t, "qemu-io")
+	dir := shortDir(t)
+	for i, o := range []string{
+		"preallocation=metadata", "preallocation=falloc", "preallocation=full",
+		"extended_l2=on,preallocation=metadata", "extended_l2=on,preallocation=falloc",
+		"compat=0.10,preallocation=metadata", "cluster_size=4k,preallocation=metadata",
+	} {
+		name := filepath.Join(dir, "p"+strings.Repeat("x", i)+".qcow2")
+		for _, c := range [][]string{
+			{"qemu-img", "create", "-q", "-f", "qcow2", "-o", o, name, "4M"},
+			{"qemu-io", "-c", "write -z 0 64k", "-c", "write -P 1 1M 4k", "-c", "discard 2M 64k", name},
+		} {
+			if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+				t.Fatalf("%v: %v\n%s", c, err, out)
+			}
+		}
+		for _, args := range [][]string{{"map", name}, {"map", "--output=json", name}} {
+			want, got, wc, gc := runBoth(t, dir, args...)
+			if want != got || wc != gc {
+				t.Errorf("-o %s: img %s: qemu-img (%d):\n%s\nours (%d):\n%s", o, strings.Join(args, " "), wc, want, gc, got)
+			}
+		}
+	}
+}

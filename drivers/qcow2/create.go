@@ -15,15 +15,18 @@ import (
 // (blockdev-create driver=qcow2, img create).
 func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 	opts := o.(*CreateOptions)
-	file, err := createRef(cc, &opts.File, "file")
+	file, release, err := cc.OpenRef(ctx, &opts.File, "file")
 	if err != nil {
 		return err
 	}
+	defer release()
 	var data *graph.Node
 	if opts.DataFile != nil && opts.DataFile.Present() {
-		if data, err = createRef(cc, opts.DataFile, "data-file"); err != nil {
+		var releaseData func()
+		if data, releaseData, err = cc.OpenRef(ctx, opts.DataFile, "data-file"); err != nil {
 			return err
 		}
+		defer releaseData()
 	}
 	if opts.Encrypt != nil {
 		// Refuse before anything is written: the options, the legacy
@@ -44,13 +47,6 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 		clear(pass)
 	}
 	return formatWith(ctx, cc.Logger(), file, data, opts, cc)
-}
-
-func createRef(cc *graph.CreateContext, ref *graph.ChildRef, name string) (*graph.Node, error) {
-	if ref.Null || ref.Options != nil {
-		return nil, qapi.Errorf(qapi.GenericError, "'%s' must name an existing block node for blockdev-create", name)
-	}
-	return cc.LookupNode(ref.Ref)
 }
 
 // validateCreate checks the options with QEMU's messages.

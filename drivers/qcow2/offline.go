@@ -108,7 +108,7 @@ func (img *image) reloadLocked(ctx context.Context) error {
 	img.headerDone = false
 	img.freeHint = 0
 	img.compCursor = 0
-	return nil
+	return img.reloadBitmapsLocked(ctx)
 }
 
 // Check is graph.Checker: qemu-img check [-r] on the image.

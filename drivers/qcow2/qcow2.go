@@ -44,8 +44,10 @@ type image struct {
 
 	size atomic.Int64 // virtual size
 
-	// meta guards every field below.
-	meta sync.Mutex
+	// meta guards every field below. Only ReadV's check for an unmapped
+	// range (the L1 table alone) takes it shared: everything else, reads
+	// included (the caches change on every look-up), takes it exclusively.
+	meta sync.RWMutex
 	hdr  *Header
 	// l1 is the active L1 table; l1Dirty marks entries to write back.
 	l1      []uint64
@@ -75,6 +77,8 @@ type image struct {
 	// corruptSeen: corruption was reported on a read-only image; it only
 	// silences further reports.
 	corruptSeen bool
+	mp          metaPrealloc // see prealloc.go
+	bm          bitmapState  // persistent bitmaps (bitmaps.go)
 
 	// dcMu guards dc, the last inflated compressed clusters. Lock order:
 	// meta → dcMu (dcMu is also taken alone).
@@ -231,6 +235,9 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	}
 
 	img.freeHint = 0
+	if err := img.loadBitmaps(ctx); err != nil {
+		return nil, err
+	}
 	if opts.CacheCleanInterval != nil && *opts.CacheCleanInterval > 0 {
 		img.stopClean = make(chan struct{})
 		go img.cleaner(time.Duration(*opts.CacheCleanInterval)*time.Second, img.stopClean)
@@ -398,8 +405,12 @@ func (img *image) Info() map[string]any {
 	img.meta.Lock()
 	h := img.hdr
 	corrupt := img.corrupt
+	bitmaps := img.bitmapInfoLocked()
 	img.meta.Unlock()
 	d := map[string]any{}
+	if bitmaps != nil {
+		d["bitmaps"] = bitmaps
+	}
 	if h.Version == 2 {
 		d["compat"] = "0.10"
 	} else {
@@ -495,7 +506,7 @@ func (img *image) beginWriteLocked(ctx context.Context) error {
 		return nil
 	}
 	h := *img.hdr
-	h.AutoclearFeatures &= AutoclearDataFileRaw
+	h.AutoclearFeatures &= AutoclearDataFileRaw | img.bitmapsAutoclear()
 	if needDirty {
 		h.IncompatibleFeatures |= IncompatDirty
 	}
