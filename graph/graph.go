@@ -70,6 +70,10 @@ type Graph struct {
 	Objects *Objects
 	// Events receives QMP events (BLOCK_EXPORT_DELETED, ...). Set before use.
 	Events func(name string, data any)
+	// ImageTool marks the image tool's graph (blockbackend img): drivers
+	// then allow what only the tool may do (legacy AES images, for
+	// conversion). Set before opening nodes; false in the daemon.
+	ImageTool bool
 
 	mu       sync.Mutex         // guards everything below, and all edges and permissions
 	nodes    map[string]*Node   // by node name, implicit ones included

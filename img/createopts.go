@@ -191,6 +191,7 @@ var optDescs = map[string]string{
 	"encrypt.ivgen-alg":      "Name of IV generator algorithm",
 	"encrypt.ivgen-hash-alg": "Name of IV generator hash algorithm",
 	"encrypt.key-secret":     "ID of secret providing qcow AES key or LUKS passphrase",
+	"encryption":             "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
 	"extended_l2":            "Extended L2 tables",
 	"extent_size_hint":       "Extent size hint for the image file, 0 to disable",
 	"lazy_refcounts":         "Postpone refcount updates",
@@ -352,8 +353,10 @@ func fieldValue(opts any, qname string) (string, bool) {
 // formattingOrder is the order in which qemu-img 7.2 lists create options
 // in its "Formatting ..." line, as observed.
 var formattingOrder = []string{
+	"encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+	"encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time",
 	"cluster_size", "extended_l2", "preallocation", "compression_type", "size", "compat",
-	"backing_file", "backing_fmt", "data_file", "data_file_raw", "encryption", "encrypt.",
+	"backing_file", "backing_fmt", "data_file", "data_file_raw",
 	"lazy_refcounts", "refcount_bits", "nocow", "extent_size_hint",
 }
 

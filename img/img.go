@@ -39,6 +39,7 @@ type Tool struct {
 // newGraph is a graph with the --object objects (secrets) in it.
 func (t *Tool) newGraph() (*graph.Graph, error) {
 	g := graph.New(t.Log)
+	g.ImageTool = true
 	for _, def := range t.objects {
 		m, isJSON, err := keyval.ParseOption(def, "qom-type")
 		if err == nil {

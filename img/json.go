@@ -28,6 +28,9 @@ var keyOrders = [][]string{
 	{"flags", "name", "granularity"},
 	// QCryptoBlockInfoLUKS
 	{"ivgen-alg", "hash-alg", "cipher-alg", "uuid", "ivgen-hash-alg", "cipher-mode", "slots", "payload-offset", "master-key-iters"},
+	// QCryptoBlockInfo of a qcow2 image's "encrypt" (LUKS: with format)
+	{"ivgen-alg", "hash-alg", "cipher-alg", "uuid", "ivgen-hash-alg", "format", "cipher-mode", "slots",
+		"payload-offset", "master-key-iters"},
 	// QCryptoBlockInfoLUKSSlot
 	{"active", "iters", "key-offset", "stripes"},
 	// ImageCheck (check --output=json)

@@ -103,6 +103,9 @@ func (img *image) WriteCompressed(ctx context.Context, off int64, data []byte) e
 	if img.extData {
 		return fmt.Errorf("Compression is not supported with an external data file: %w", graph.ErrNotSupported)
 	}
+	if err := img.cryptRefusesCompression(); err != nil {
+		return err
+	}
 	full := data
 	if int64(len(data)) < img.cs {
 		full = make([]byte, img.cs)

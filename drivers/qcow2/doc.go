@@ -9,9 +9,10 @@
 // driver: versions 2 and 3, cluster sizes 512 B – 2 MiB, refcount widths
 // 1–64 bits, zero clusters, compressed clusters (deflate and zstd), extended
 // L2 entries with subclusters, external data files (raw or not), backing
-// chains, lazy refcounts with the dirty bit, the corrupt bit, and
-// persistent dirty bitmaps (bitmaps.go: loaded into the graph's bitmaps,
-// stored back on close).
+// chains, lazy refcounts with the dirty bit, the corrupt bit, persistent
+// dirty bitmaps (bitmaps.go: loaded into the graph's bitmaps, stored back
+// on close), and encryption (LUKS, and legacy AES for the image tool
+// only: crypt.go).
 //
 // # Requests and locks
 //

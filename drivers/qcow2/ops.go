@@ -302,6 +302,12 @@ func (img *image) BlockStatus(ctx context.Context, off, n int64) (graph.StatusEx
 			ext.Offset, ext.File = m.host, img.data
 		}
 	}
+	if img.crypt != nil {
+		// As QEMU: encrypted data has no offset a reader could use, and
+		// zeros in the file are not zeros to the guest.
+		ext.Offset, ext.File = 0, nil
+		ext.Status &^= graph.StatusRecurse
+	}
 	return ext, nil
 }
 

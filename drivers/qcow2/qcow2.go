@@ -36,6 +36,7 @@ type image struct {
 	v3          bool // version 3: zero clusters exist
 	lazy        bool // lazy refcounts in effect
 	passDiscard [3]bool
+	crypt       *imageCrypt // nil: not encrypted (crypt.go)
 
 	// resize is held shared by every request and exclusively by truncate
 	// (and the offline metadata operations): see the package doc.
@@ -156,8 +157,8 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 		img.log = slog.New(slog.DiscardHandler)
 	}
 	img.size.Store(int64(h.Size))
-	if h.CryptMethod != CryptNone {
-		return nil, qapi.Errorf(qapi.GenericError, "qcow2 encryption is not built into blockbackend yet")
+	if err := img.openCrypt(ctx, oc, opts); err != nil {
+		return nil, err
 	}
 	if h.IncompatibleFeatures&IncompatCorrupt != 0 {
 		img.corrupt = true
@@ -327,6 +328,16 @@ func (img *image) openBacking(ctx context.Context, oc *graph.OpenContext, opts *
 		ref = &graph.ChildRef{Options: m, Mode: qapi.JSON}
 	} else if ref.Null {
 		return nil
+	} else if m := ref.Options; m != nil && m["driver"] == nil && img.hdr.BackingFile != "" && oc.ImageTool() {
+		// qemu-img's backing.* options without a driver (say
+		// backing.encrypt.key-secret for an encrypted backing file)
+		// add to the backing file the header names.
+		hm, err := img.backingOptions(img.hdr.BackingFile, img.hdr.BackingFormat)
+		if err != nil {
+			return err
+		}
+		qapi.Merge(hm, m)
+		ref = &graph.ChildRef{Options: hm, Mode: ref.Mode}
 	}
 	bc, err := oc.OpenChild(ctx, "backing", ref, graph.RoleBacking, true)
 	if err != nil {
@@ -420,6 +431,9 @@ func (img *image) Info() map[string]any {
 		}
 		d["data-file-raw"] = h.DataFileRaw()
 	}
+	if e := img.encryptInfo(); e != nil {
+		d["encrypt"] = e
+	}
 	return map[string]any{"type": "qcow2", "data": d}
 }
 
@@ -448,6 +462,7 @@ func (img *image) Close() error {
 		if img.stopClean != nil {
 			close(img.stopClean)
 		}
+		defer img.closeCrypt()
 		if img.readOnly {
 			return
 		}

@@ -332,7 +332,7 @@ func (img *image) readMapping(ctx context.Context, off int64, m mapping, sub [][
 	case kindUnalloc:
 		return img.readBacking(ctx, off, sub)
 	case kindData:
-		return readClamped(ctx, img.data, m.host, sub)
+		return img.readData(ctx, off, m.host, sub)
 	case kindCompressed:
 		buf, err := img.decompressed(ctx, m.entry)
 		if err != nil {

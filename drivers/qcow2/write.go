@@ -301,7 +301,7 @@ func (img *image) writeStep(ctx context.Context, off int64, iov [][]byte, flags 
 			continue
 		}
 		if p.inPlace {
-			return p.length, img.data.WriteV(ctx, p.host, iovSlice(iov, 0, p.length), flags&graph.WriteFUA)
+			return p.length, img.writeData(ctx, off, p.host, iovSlice(iov, 0, p.length), flags&graph.WriteFUA)
 		}
 		err = img.writeAllocated(ctx, p, iovSlice(iov, 0, p.length))
 		img.meta.Lock()
@@ -321,7 +321,11 @@ func (img *image) writeStep(ctx context.Context, off int64, iov [][]byte, flags 
 // data is read through the normal read path.
 func (img *image) writeAllocated(ctx context.Context, p *writePlan, data [][]byte) error {
 	firstC, lastC := &p.clusters[0], &p.clusters[len(p.clusters)-1]
-	// New clusters that read as zeros need no copy of zeros.
+	// New clusters that read as zeros need no copy of zeros (unless
+	// encrypted: zeros in the file are not encrypted zeros).
+	if img.crypt != nil {
+		p.virgin = false
+	}
 	if p.virgin && firstC.lo < firstC.a && img.readsZero(ctx, firstC.guest+firstC.lo, firstC.a-firstC.lo) {
 		firstC.lo = firstC.a
 	}
@@ -344,7 +348,7 @@ func (img *image) writeAllocated(ctx context.Context, p *writePlan, data [][]byt
 		}
 		out = append(out, tail)
 	}
-	return img.data.WriteV(ctx, firstC.host+firstC.lo, out, 0)
+	return img.writeData(ctx, firstC.guest+firstC.lo, firstC.host+firstC.lo, out, 0)
 }
 
 // commitLocked points the L2 entries at the written clusters and releases
