@@ -367,9 +367,12 @@ var shownDefaults = map[string]bool{
 	"lazy_refcounts": true, "refcount_bits": true,
 }
 
-// formattingOrderFlat is the order for formats without clusters (raw),
-// where preallocation is the protocol's and comes after nocow.
-var formattingOrderFlat = []string{"size", "backing_file", "backing_fmt", "nocow", "preallocation", "extent_size_hint"}
+// formattingOrderFlat is the order for formats without clusters (raw,
+// luks), where the format's own options come first and preallocation
+// after nocow.
+var formattingOrderFlat = []string{"size", "backing_file", "backing_fmt",
+	"key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time",
+	"nocow", "preallocation", "extent_size_hint"}
 
 func orderRank(name string, flat bool) int {
 	order := formattingOrder

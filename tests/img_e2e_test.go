@@ -122,17 +122,7 @@ func TestIntegrationImgRebaseQcow2(t *testing.T) {
 		sh("qemu-io", "-c", "write -P 3 3M 64k", p(n))
 	}
 	long := strings.Repeat("x", 1024)
-	run := func(name string, argv ...string) (string, int) {
-		cmd := exec.Command(name, argv...)
-		cmd.Dir = dir
-		out, err := cmd.CombinedOutput()
-		if ee, ok := err.(*exec.ExitError); ok {
-			return string(out), ee.ExitCode()
-		} else if err != nil {
-			t.Fatalf("%s: %v", name, err)
-		}
-		return string(out), 0
-	}
+	run := func(name string, argv ...string) (string, int) { return runIn(t, dir, name, argv...) }
 	for _, args := range [][]string{
 		{"rebase", "-u", "-b", "b2.qcow2", "-F", "qcow2"},
 		{"rebase", "-u", "-b", long, "-F", "raw"},
@@ -160,4 +150,44 @@ func TestIntegrationImgRebaseQcow2(t *testing.T) {
 	if want != got || !strings.Contains(want, "No errors") {
 		t.Errorf("check: qemu-img:\n%s\nours:\n%s", want, got)
 	}
+}
+
+// TestIntegrationImgCreateMessages compares img create's "Formatting"
+// line and its option errors with qemu-img's for luks and qcow2: QAPI's
+// "Parameter 'x' does not accept value" for a format's enums, the
+// format's own message where it parses the value itself.
+func TestIntegrationImgCreateMessages(t *testing.T) {
+	needTool(t, "qemu-img")
+	dir := shortDir(t)
+	for _, f := range []string{"raw", "luks", "qcow2"} {
+		for _, o := range []string{
+			"preallocation=foo", "cipher-alg=foo", "compression_type=foo",
+			"encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-mode=foo", "encrypt.format=foo",
+			"preallocation=off,iter-time=10,hash-alg=sha1,ivgen-hash-alg=sha1,ivgen-alg=essiv,cipher-mode=cbc,cipher-alg=aes-128",
+			"nocow=on,preallocation=falloc,iter-time=10",
+		} {
+			args := []string{"create", "-f", f, "--object", "secret,id=s,data=pw", "-o", "key-secret=s," + o, "z.img", "1M"}
+			want, wc := runIn(t, dir, "qemu-img", args...)
+			os.Remove(filepath.Join(dir, "z.img"))
+			got, gc := runIn(t, dir, binary, append([]string{"img"}, args...)...)
+			os.Remove(filepath.Join(dir, "z.img"))
+			if want != got || wc != gc {
+				t.Errorf("-f %s -o %s: qemu-img (%d):\n%s\nours (%d):\n%s", f, o, wc, want, gc, got)
+			}
+		}
+	}
+}
+
+// runIn runs name in dir and returns its combined output and status.
+func runIn(t *testing.T, dir, name string, argv ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(name, argv...)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(out), ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return string(out), 0
 }
