@@ -165,6 +165,7 @@ func TestIntegrationImgCreateMessages(t *testing.T) {
 			"encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-mode=foo", "encrypt.format=foo",
 			"preallocation=off,iter-time=10,hash-alg=sha1,ivgen-hash-alg=sha1,ivgen-alg=essiv,cipher-mode=cbc,cipher-alg=aes-128",
 			"nocow=on,preallocation=falloc,iter-time=10",
+			"cipher-alg=des", "cipher-alg=sm4", "encrypt.format=luks,encrypt.key-secret=s,encrypt.cipher-alg=3des",
 		} {
 			args := []string{"create", "-f", f, "--object", "secret,id=s,data=pw", "-o", "key-secret=s," + o, "z.img", "1M"}
 			want, wc := runIn(t, dir, "qemu-img", args...)
