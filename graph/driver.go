@@ -167,6 +167,10 @@ type Driver struct {
 	// NewAmendOptions returns the options struct Amender.Amend takes
 	// (img amend -o); nil when the format has nothing to amend.
 	NewAmendOptions func() any
+	// NewQMPAmendOptions, when set, returns x-blockdev-amend's options
+	// struct (BlockdevAmendOptions' variant) where it differs from
+	// qemu-img amend's (qcow2: only encrypt); Amend takes both.
+	NewQMPAmendOptions func() any
 	// Measure computes img measure's answer for an image of this format
 	// made with createOpts (the struct of NewImageCreateOptions when set,
 	// else of NewCreateOptions; without a file)

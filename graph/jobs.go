@@ -91,6 +91,9 @@ func (g *Graph) PrepareAmend(jobID, nodeName string, opts map[string]any, force 
 		return nil, nil, qapi.Errorf(qapi.GenericError, "Driver does not support x-blockdev-amend")
 	}
 	ao := n.driver.NewAmendOptions()
+	if n.driver.NewQMPAmendOptions != nil {
+		ao = n.driver.NewQMPAmendOptions()
+	}
 	if err := qapi.DecodeValue(h.Rest, ao, mode, path); err != nil {
 		return nil, nil, err
 	}

@@ -162,7 +162,12 @@ func (createOptions) QAPISchema(b *SchemaBuilder) string {
 type amendOptions struct{}
 
 func (amendOptions) QAPISchema(b *SchemaBuilder) string {
-	return driverUnion(b, func(d *graph.Driver) func() any { return d.NewAmendOptions })
+	return driverUnion(b, func(d *graph.Driver) func() any {
+		if d.NewQMPAmendOptions != nil {
+			return d.NewQMPAmendOptions
+		}
+		return d.NewAmendOptions
+	})
 }
 
 // driverUnion adds a union on "driver" over the registered drivers, with

@@ -168,6 +168,13 @@ func (img *image) DeleteSnapshot(ctx context.Context, id, name string) (graph.Sn
 // block layer), the rest through amendImage.
 func (img *image) Amend(ctx context.Context, o any, force bool) error {
 	opts, ok := o.(*AmendOptions)
+	if q, isQMP := o.(*QMPAmendOptions); isQMP {
+		var err error
+		if opts, err = q.amendOptions(); err != nil {
+			return err
+		}
+		ok = true
+	}
 	if !ok {
 		return fmt.Errorf("qcow2: amend options of type %T", o)
 	}

@@ -131,6 +131,7 @@ func init() {
 		ImageCreate:           imageCreate,
 		Probe:                 probe,
 		NewAmendOptions:       newAmendOptions,
+		NewQMPAmendOptions:    func() any { return &QMPAmendOptions{} },
 		Measure:               measureImage,
 	})
 }
