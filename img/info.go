@@ -250,11 +250,11 @@ func (t *Tool) writeInfoHuman(m map[string]any, snaps []graph.SnapshotInfo) {
 	} else {
 		fmt.Fprintf(w, "disk size: unavailable\n")
 	}
-	if cs, ok := m["cluster-size"].(int64); ok {
-		fmt.Fprintf(w, "cluster_size: %d\n", cs)
-	}
 	if e, _ := m["encrypted"].(bool); e {
 		fmt.Fprintf(w, "encrypted: yes\n")
+	}
+	if cs, ok := m["cluster-size"].(int64); ok {
+		fmt.Fprintf(w, "cluster_size: %d\n", cs)
 	}
 	if d, _ := m["dirty-flag"].(bool); d {
 		fmt.Fprintf(w, "cleanly shut down: no\n")

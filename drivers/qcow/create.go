@@ -143,7 +143,8 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 	if l1 < 0 {
 		return e("Image too large")
 	}
-	end := (off + l1*8 + sectorSize - 1) &^ (sectorSize - 1)
+	// qemu-img writes the L1 table rounded up to 512 bytes.
+	end := off + (l1*8+sectorSize-1)&^(sectorSize-1)
 	if err := file.Truncate(ctx, 0, true, "off"); err != nil {
 		return fmt.Errorf("Could not resize image: %w", err)
 	}

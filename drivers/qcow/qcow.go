@@ -38,7 +38,10 @@ type Encryption struct {
 type Options struct {
 	File    graph.ChildRef  `qapi:"file"`
 	Backing *graph.ChildRef `qapi:"backing,optional"`
-	Encrypt *Encryption     `qapi:"encrypt,optional"`
+	// Encrypt is BlockdevQcowEncryption, decoded into Encryption at
+	// open (a map here, so that img convert passes -o encrypt.* on to
+	// the new image's open options as it does for qcow2).
+	Encrypt map[string]any `qapi:"encrypt,optional"`
 }
 
 func init() {
@@ -85,7 +88,7 @@ type image struct {
 	alloc sync.Mutex // see the package doc
 
 	meta sync.Mutex
-	l1   []uint64            // guarded by meta
+	l1   []uint64           // guarded by meta
 	l2   map[int64][]uint64 // L2 tables by L1 index; guarded by meta
 
 	dcMu  sync.Mutex
@@ -126,7 +129,14 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	if img.log == nil {
 		img.log = slog.New(slog.DiscardHandler)
 	}
-	if err := img.setupCipher(oc, opts.Encrypt); err != nil {
+	var enc *Encryption
+	if opts.Encrypt != nil {
+		enc = &Encryption{}
+		if err := qapi.Decode(opts.Encrypt, enc, qapi.JSON); err != nil {
+			return nil, err
+		}
+	}
+	if err := img.setupCipher(oc, enc); err != nil {
 		return nil, err
 	}
 	n := int(h.L1Entries())
