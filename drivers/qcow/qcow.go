@@ -87,9 +87,10 @@ type image struct {
 
 	alloc sync.Mutex // see the package doc
 
-	meta sync.Mutex
-	l1   []uint64           // guarded by meta
-	l2   map[int64][]uint64 // L2 tables by L1 index; guarded by meta
+	meta  sync.Mutex
+	l1Len int64              // entries of the L1 table (immutable)
+	l1    []uint64           // its first entries (the rest are 0); guarded by meta
+	l2    map[int64][]uint64 // L2 tables by L1 index; guarded by meta
 
 	dcMu  sync.Mutex
 	dcOff int64 // host offset of the inflated cluster in dc (0: none)
@@ -139,12 +140,16 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	if err := img.setupCipher(oc, enc); err != nil {
 		return nil, err
 	}
-	n := int(h.L1Entries())
-	buf := make([]byte, n*8)
+	// Only the part of the L1 table inside the file is read (and held):
+	// the rest reads as zeros, as QEMU reads it, and a header cannot make
+	// us allocate more than the file holds.
+	img.l1Len = h.L1Entries()
+	inFile := min(img.l1Len, max(file.SizeNow()-img.l1Off, 0)/8)
+	buf := make([]byte, inFile*8)
 	if err := img.readMeta(ctx, buf, img.l1Off); err != nil {
 		return nil, fmt.Errorf("qcow: reading the L1 table at %#x: %w", img.l1Off, err)
 	}
-	img.l1 = make([]uint64, n)
+	img.l1 = make([]uint64, inFile)
 	for i := range img.l1 {
 		img.l1[i] = be.Uint64(buf[i*8:])
 	}
@@ -354,10 +359,10 @@ const (
 
 // l2Locked returns the L2 table of L1 index i (nil when unallocated).
 func (img *image) l2Locked(ctx context.Context, i int64) ([]uint64, error) {
-	if i < 0 || i >= int64(len(img.l1)) {
+	if i < 0 || i >= img.l1Len {
 		return nil, fmt.Errorf("qcow: L1 index %d out of range: %w", i, syscall.EIO)
 	}
-	off := int64(img.l1[i])
+	off := int64(img.l1EntryLocked(i))
 	if off == 0 {
 		return nil, nil
 	}
@@ -383,6 +388,14 @@ func (img *image) l2Locked(ctx context.Context, i int64) ([]uint64, error) {
 	}
 	img.l2[i] = t
 	return t, nil
+}
+
+// l1EntryLocked is L1 entry i (0 past the part held).
+func (img *image) l1EntryLocked(i int64) uint64 {
+	if i < int64(len(img.l1)) {
+		return img.l1[i]
+	}
+	return 0
 }
 
 // lookup maps the run of guest bytes at off (at most n) that lives in

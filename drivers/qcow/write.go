@@ -133,11 +133,11 @@ func (img *image) setEntry(ctx context.Context, cstart int64, e uint64, flags gr
 	i := gc >> img.hdr.L2Bits
 	k := gc & (img.hdr.L2Entries() - 1)
 	img.meta.Lock()
-	if i >= int64(len(img.l1)) {
+	if i >= img.l1Len {
 		img.meta.Unlock()
 		return fmt.Errorf("qcow: cluster beyond the L1 table: %w", syscall.EIO)
 	}
-	l2off := int64(img.l1[i])
+	l2off := int64(img.l1EntryLocked(i))
 	img.meta.Unlock()
 	var ebuf [8]byte
 	if l2off == 0 {
@@ -158,6 +158,9 @@ func (img *image) setEntry(ctx context.Context, cstart int64, e uint64, flags gr
 			return err
 		}
 		img.meta.Lock()
+		if i >= int64(len(img.l1)) {
+			img.l1 = append(img.l1, make([]uint64, i+1-int64(len(img.l1)))...)
+		}
 		img.l1[i] = uint64(off)
 		img.l2[i] = t
 		img.meta.Unlock()
@@ -175,15 +178,13 @@ func (img *image) setEntry(ctx context.Context, cstart int64, e uint64, flags gr
 	return nil
 }
 
-// writeL1 writes L1 entry i, growing the file first when the table runs
-// past its end (qemu-img stores it rounded up to 512 bytes, but other
-// writers need not).
+// writeL1 writes L1 entry i. qemu-img's tables lie inside the file
+// (rounded up to 512 bytes); one that runs past its end is corrupt, and
+// is not grown into (its offset may be anything).
 func (img *image) writeL1(ctx context.Context, i int64, ebuf []byte, flags graph.WriteFlags) error {
 	at := img.l1Off + i*8
 	if at+8 > img.file.SizeNow() {
-		if err := img.file.Truncate(ctx, at+8, false, "off"); err != nil {
-			return err
-		}
+		return fmt.Errorf("qcow: L1 entry %d at %#x beyond the end of the file: %w", i, at, syscall.EIO)
 	}
 	return img.file.WriteV(ctx, at, [][]byte{ebuf}, flags)
 }
