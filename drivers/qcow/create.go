@@ -106,6 +106,9 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 		if opts.Encrypt.Format != "qcow" {
 			return e("Unsupported encryption format")
 		}
+		if err := refuseLegacyAES(""); err != nil {
+			return err
+		}
 		if opts.Encrypt.KeySecret == "" {
 			return e("Parameter 'encrypt.key-secret' is required for cipher")
 		}

@@ -168,7 +168,7 @@ func (img *image) setupCipher(oc *graph.OpenContext, enc *Encryption) error {
 		}
 		return nil
 	}
-	if err := refuseLegacyAES(oc); err != nil {
+	if err := refuseOpen(oc); err != nil {
 		return err
 	}
 	if enc == nil || enc.KeySecret == "" {

@@ -1,0 +1,90 @@
+package qcow
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"blockbackend/qmp/qapi"
+)
+
+// The tests play the image tool, except where they check the daemon's
+// refusal.
+func TestMain(m *testing.M) {
+	ImageTool.Store(true)
+	os.Exit(m.Run())
+}
+
+// TestDaemonRefusesAES: outside the image tool an AES image neither
+// opens (with or without its key) nor is created; plain images do.
+func TestDaemonRefusesAES(t *testing.T) {
+	ImageTool.Store(false)
+	defer ImageTool.Store(true)
+	ctx := context.Background()
+	g := newGraph(t)
+	for _, enc := range []bool{true, false} {
+		opts := map[string]any{"driver": "qcow", "node-name": nextName(),
+			"file": map[string]any{"driver": "file", "filename": filepath.Join("testdata", "aes.qcow")}, "read-only": true}
+		if enc {
+			opts["encrypt"] = map[string]any{"key-secret": "s0"}
+		}
+		_, err := g.Add(ctx, opts, qapi.JSON)
+		if err == nil || !strings.Contains(err.Error(), "Use of AES-CBC encrypted qcow images is refused in node '") ||
+			!strings.Contains(err.Error(), "predictable IVs") || !strings.Contains(err.Error(), "blockbackend img convert") {
+			t.Fatalf("AES image opened in the daemon: %v", err)
+		}
+	}
+	n, err := g.Add(ctx, map[string]any{"driver": "qcow", "node-name": nextName(), "read-only": true,
+		"file": map[string]any{"driver": "file", "filename": filepath.Join("testdata", "written.qcow")}}, qapi.JSON)
+	if err != nil || n == nil {
+		t.Fatalf("plain image: %v", err)
+	}
+	p := filepath.Join(t.TempDir(), "new.qcow")
+	os.WriteFile(p, nil, 0o644)
+	fn, err := g.Add(ctx, map[string]any{"driver": "file", "filename": p, "node-name": "newfile"}, qapi.JSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run, err := g.PrepareCreate(map[string]any{"driver": "qcow", "file": fn.Name(), "size": 1 << 20,
+		"encrypt": map[string]any{"format": "qcow", "key-secret": "s0"}}, qapi.JSON, "options")
+	if err == nil {
+		err = run(ctx)
+	}
+	if err == nil || !strings.Contains(err.Error(), "is refused") {
+		t.Fatalf("AES image created in the daemon: %v", err)
+	}
+}
+
+// TestKeyErrors: a writable open without the key fails with QEMU's
+// message; a read-only one (img info) opens, and its data I/O fails
+// with that message; a wrong passphrase reads garbage, as in QEMU (the
+// format has no way to check a key).
+func TestKeyErrors(t *testing.T) {
+	ctx := context.Background()
+	g := newGraph(t)
+	img := filepath.Join(t.TempDir(), "aes.qcow")
+	b, _ := os.ReadFile(filepath.Join("testdata", "aes.qcow"))
+	if err := os.WriteFile(img, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := g.Add(ctx, map[string]any{"driver": "qcow", "node-name": nextName(),
+		"file": map[string]any{"driver": "file", "filename": img}, "read-only": false}, qapi.JSON)
+	if err == nil || !strings.Contains(err.Error(), "Parameter 'encrypt.key-secret' is required for cipher") {
+		t.Fatalf("writable open without key: %v", err)
+	}
+	n, err := g.Add(ctx, map[string]any{"driver": "qcow", "node-name": nextName(), "read-only": true,
+		"file": map[string]any{"driver": "file", "filename": img}}, qapi.JSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.ReadAt(ctx, make([]byte, 512), 0); err == nil || !strings.Contains(err.Error(), "encrypt.key-secret") {
+		t.Fatalf("read without key: %v", err)
+	}
+	_, err = g.Add(ctx, map[string]any{"driver": "qcow", "node-name": nextName(), "read-only": true,
+		"file": map[string]any{"driver": "file", "filename": img}, "encrypt": map[string]any{"key-secret": "nosuch"}}, qapi.JSON)
+	if err == nil || !strings.Contains(err.Error(), "nosuch") {
+		t.Fatalf("missing secret object: %v", err)
+	}
+}
