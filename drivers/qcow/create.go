@@ -106,7 +106,7 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 		if opts.Encrypt.Format != "qcow" {
 			return e("Unsupported encryption format")
 		}
-		if err := refuseLegacyAES(""); err != nil {
+		if err := refuseCreate(cc); err != nil {
 			return err
 		}
 		if opts.Encrypt.KeySecret == "" {

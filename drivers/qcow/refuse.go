@@ -11,8 +11,8 @@ import (
 // A minimal version of the daemon's refusal of legacy AES images, kept in
 // this file so that it can give way to a shared one (a helper in
 // drivers/crypto and a graph-level "opened by the image tool" flag, being
-// built for qcow2's encrypt.format=aes): refuseLegacyAES is the one call
-// the driver makes, at open and at create.
+// built for qcow2's encrypt.format=aes): refuseOpen and refuseCreate are
+// the one call the driver makes, at open and at create.
 
 // ImageTool is set by the image tool's wiring (`blockbackend img`): only
 // then does qcow open or create AES-encrypted images. The daemon leaves
@@ -41,3 +41,6 @@ func refuseLegacyAES(node string) error {
 
 // refuseOpen is the refusal at open time.
 func refuseOpen(oc *graph.OpenContext) error { return refuseLegacyAES(oc.NodeName()) }
+
+// refuseCreate is the refusal of blockdev-create with encrypt.
+func refuseCreate(*graph.CreateContext) error { return refuseLegacyAES("") }
