@@ -21,16 +21,12 @@ import (
 	"blockbackend/qmp/qapi"
 )
 
-// EncryptFormat is BlockdevQcowEncryptionFormat.
-type EncryptFormat string
-
-// EnumValues lists QEMU's values.
-func (EncryptFormat) EnumValues() []string { return []string{"aes"} }
-
 // Encryption is BlockdevQcowEncryption (QCryptoBlockOptionsQCow).
 type Encryption struct {
-	Format    EncryptFormat `qapi:"format,optional"`
-	KeySecret string        `qapi:"key-secret,optional"`
+	// Format is BlockdevQcowEncryptionFormat ("aes"); QEMU takes any
+	// value here and then compares it with the header's.
+	Format    string `qapi:"format,optional"`
+	KeySecret string `qapi:"key-secret,optional"`
 }
 
 // Options is QEMU 7.2's BlockdevOptionsQcow (with the base
@@ -163,10 +159,13 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 // passphrase (encrypt.key-secret), after the daemon's refusal.
 func (img *image) setupCipher(oc *graph.OpenContext, enc *Encryption) error {
 	if img.hdr.CryptMethod == CryptNone {
-		if enc != nil && (enc.Format != "" || enc.KeySecret != "") {
-			return qapi.Errorf(qapi.GenericError, "No encryption in image header, but options specified format 'aes'")
+		if enc != nil && enc.Format != "" {
+			return qapi.Errorf(qapi.GenericError, "No encryption in image header, but options specified format '%s'", enc.Format)
 		}
 		return nil
+	}
+	if enc != nil && enc.Format != "" && enc.Format != "aes" {
+		return qapi.Errorf(qapi.GenericError, "Header reported 'aes' encryption format but options specify '%s'", enc.Format)
 	}
 	if err := refuseOpen(oc); err != nil {
 		return err

@@ -82,9 +82,25 @@ func TestKeyErrors(t *testing.T) {
 	if err := n.ReadAt(ctx, make([]byte, 512), 0); err == nil || !strings.Contains(err.Error(), "encrypt.key-secret") {
 		t.Fatalf("read without key: %v", err)
 	}
-	_, err = g.Add(ctx, map[string]any{"driver": "qcow", "node-name": nextName(), "read-only": true,
-		"file": map[string]any{"driver": "file", "filename": img}, "encrypt": map[string]any{"key-secret": "nosuch"}}, qapi.JSON)
-	if err == nil || !strings.Contains(err.Error(), "nosuch") {
-		t.Fatalf("missing secret object: %v", err)
+	for _, tc := range []struct {
+		img string
+		enc map[string]any
+		msg string
+	}{
+		{img, map[string]any{"key-secret": "nosuch"}, "No secret with id 'nosuch'"},
+		{img, map[string]any{"key-secret": "s0", "format": "luks"}, "Header reported 'aes' encryption format but options specify 'luks'"},
+		{filepath.Join("testdata", "written.qcow"), map[string]any{"format": "aes"}, "No encryption in image header, but options specified format 'aes'"},
+	} {
+		_, err = g.Add(ctx, map[string]any{"driver": "qcow", "node-name": nextName(), "read-only": true,
+			"file": map[string]any{"driver": "file", "filename": tc.img}, "encrypt": tc.enc}, qapi.JSON)
+		if err == nil || !strings.Contains(err.Error(), tc.msg) {
+			t.Fatalf("%v: got %v, want %q", tc.enc, err, tc.msg)
+		}
+	}
+	// A key for a plain image is ignored, as in QEMU.
+	if _, err := g.Add(ctx, map[string]any{"driver": "qcow", "node-name": nextName(), "read-only": true,
+		"file":    map[string]any{"driver": "file", "filename": filepath.Join("testdata", "written.qcow")},
+		"encrypt": map[string]any{"key-secret": "s0"}}, qapi.JSON); err != nil {
+		t.Fatal(err)
 	}
 }
