@@ -375,3 +375,57 @@ func TestCreateLikeQemuImg(t *testing.T) {
 		})
 	}
 }
+
+// TestSameBytesAsQemuIO: the same writes through qemu-io and through us
+// leave byte-identical image files (allocation order, L2 placement,
+// copy on write, AES of the untouched sectors of a new cluster).
+func TestSameBytesAsQemuIO(t *testing.T) {
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.raw")
+	qemu(t, "qemu-img", "create", "-q", "-f", "raw", base, "4M")
+	qemu(t, "qemu-io", "-f", "raw", "-c", "write -P 0xaa 0 4M", base)
+	writes := []struct{ off, n int64 }{{512, 1024}, {1 << 20, 65536}, {100, 10}, {3<<20 + 7, 9000}, {0, 4096}, {2 << 20, 1}}
+	for _, tc := range []struct {
+		name   string
+		create []string
+		opts   map[string]any
+		enc    bool
+	}{
+		{"plain", nil, nil, false},
+		{"backing", []string{"-b", "base.raw", "-F", "raw"}, map[string]any{"backing-file": "base.raw"}, false},
+		{"aes", []string{"--object", testSecret, "-o", "encryption=on,encrypt.key-secret=s0"},
+			map[string]any{"encrypt": map[string]any{"format": "qcow", "key-secret": "s0"}}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			theirs := filepath.Join(dir, tc.name+"-theirs.qcow")
+			ours := filepath.Join(dir, tc.name+"-ours.qcow")
+			qemu(t, "qemu-img", append(append([]string{"create", "-q", "-f", "qcow"}, tc.create...), theirs, "4M")...)
+			var args []string
+			for i, w := range writes {
+				args = append(args, "-c", fmt.Sprintf("write -P %d %d %d", i+1, w.off, w.n))
+			}
+			if tc.enc {
+				args = append(args, "--object", testSecret, "--image-opts", "driver=qcow,file.filename="+theirs+",encrypt.key-secret=s0")
+			} else {
+				args = append(args, "-f", "qcow", theirs)
+			}
+			qemu(t, "qemu-io", args...)
+			g := newGraph(t)
+			createImage(t, g, ours, 4<<20, tc.opts)
+			n := openQcow(t, g, ours, false, tc.enc)
+			for i, w := range writes {
+				if err := n.WriteAt(context.Background(), bytes.Repeat([]byte{byte(i + 1)}, int(w.n)), w.off, 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := g.Delete(context.Background(), n.Name()); err != nil {
+				t.Fatal(err)
+			}
+			a, _ := os.ReadFile(ours)
+			b, _ := os.ReadFile(theirs)
+			if !bytes.Equal(a, b) {
+				t.Fatalf("files differ: %s", firstDiff(a, b))
+			}
+		})
+	}
+}

@@ -101,6 +101,10 @@ func (img *image) writeNewCluster(ctx context.Context, cstart int64, data []byte
 			return err
 		}
 	}
+	l2off, err := img.l2For(ctx, cstart, flags)
+	if err != nil {
+		return err
+	}
 	host, err := img.allocate(ctx, img.cs, img.cs)
 	if err != nil {
 		return err
@@ -108,7 +112,7 @@ func (img *image) writeNewCluster(ctx context.Context, cstart int64, data []byte
 	if err := img.file.WriteV(ctx, host, [][]byte{data}, flags); err != nil {
 		return err
 	}
-	return img.setEntry(ctx, cstart, uint64(host), flags)
+	return img.setEntry(ctx, cstart, l2off, uint64(host), flags)
 }
 
 // allocate grows the file by n bytes at its end rounded up to align and
@@ -125,47 +129,50 @@ func (img *image) allocate(ctx context.Context, n, align int64) (int64, error) {
 	return at, nil
 }
 
-// setEntry points the L2 entry of the guest cluster at cstart at e,
-// allocating the L2 table first when there is none. The caller holds
-// alloc; the data the entry maps is written.
-func (img *image) setEntry(ctx context.Context, cstart int64, e uint64, flags graph.WriteFlags) error {
-	gc := cstart >> img.hdr.ClusterBits
-	i := gc >> img.hdr.L2Bits
-	k := gc & (img.hdr.L2Entries() - 1)
+// l2For returns the host offset of the L2 table that maps the guest
+// cluster at cstart, allocating it (zeroed, at a cluster boundary at the
+// end of the file) when there is none, as qemu-img does before it
+// allocates the cluster itself. The caller holds alloc.
+func (img *image) l2For(ctx context.Context, cstart int64, flags graph.WriteFlags) (int64, error) {
+	i := (cstart >> img.hdr.ClusterBits) >> img.hdr.L2Bits
 	img.meta.Lock()
 	if i >= img.l1Len {
 		img.meta.Unlock()
-		return fmt.Errorf("qcow: cluster beyond the L1 table: %w", syscall.EIO)
+		return 0, fmt.Errorf("qcow: cluster beyond the L1 table: %w", syscall.EIO)
 	}
 	l2off := int64(img.l1EntryLocked(i))
 	img.meta.Unlock()
-	var ebuf [8]byte
-	if l2off == 0 {
-		// A new L2 table, at a cluster boundary at the end of the file.
-		off, err := img.allocate(ctx, img.hdr.L2Bytes(), img.cs)
-		if err != nil {
-			return err
-		}
-		t := make([]uint64, img.hdr.L2Entries())
-		t[k] = e
-		buf := make([]byte, img.hdr.L2Bytes())
-		be.PutUint64(buf[k*8:], e)
-		if err := img.file.WriteV(ctx, off, [][]byte{buf}, flags); err != nil {
-			return err
-		}
-		be.PutUint64(ebuf[:], uint64(off))
-		if err := img.writeL1(ctx, i, ebuf[:], flags); err != nil {
-			return err
-		}
-		img.meta.Lock()
-		if i >= int64(len(img.l1)) {
-			img.l1 = append(img.l1, make([]uint64, i+1-int64(len(img.l1)))...)
-		}
-		img.l1[i] = uint64(off)
-		img.l2[i] = t
-		img.meta.Unlock()
-		return nil
+	if l2off != 0 {
+		return l2off, nil
 	}
+	off, err := img.allocate(ctx, img.hdr.L2Bytes(), img.cs)
+	if err != nil {
+		return 0, err
+	}
+	// The file grew with zeros: the new table is empty already.
+	var ebuf [8]byte
+	be.PutUint64(ebuf[:], uint64(off))
+	if err := img.writeL1(ctx, i, ebuf[:], flags); err != nil {
+		return 0, err
+	}
+	img.meta.Lock()
+	if i >= int64(len(img.l1)) {
+		img.l1 = append(img.l1, make([]uint64, i+1-int64(len(img.l1)))...)
+	}
+	img.l1[i] = uint64(off)
+	img.l2[i] = make([]uint64, img.hdr.L2Entries())
+	img.meta.Unlock()
+	return off, nil
+}
+
+// setEntry points the L2 entry of the guest cluster at cstart, in the
+// table at l2off, at e. The caller holds alloc; the data the entry maps
+// is written.
+func (img *image) setEntry(ctx context.Context, cstart, l2off int64, e uint64, flags graph.WriteFlags) error {
+	gc := cstart >> img.hdr.ClusterBits
+	i := gc >> img.hdr.L2Bits
+	k := gc & (img.hdr.L2Entries() - 1)
+	var ebuf [8]byte
 	be.PutUint64(ebuf[:], e)
 	if err := img.file.WriteV(ctx, l2off+k*8, [][]byte{ebuf[:]}, flags); err != nil {
 		return err
@@ -243,6 +250,10 @@ func (img *image) WriteCompressed(ctx context.Context, off int64, data []byte) e
 		return img.WriteV(ctx, off, [][]byte{data}, 0)
 	}
 	defer img.alloc.Unlock()
+	l2off, err := img.l2For(ctx, off, 0)
+	if err != nil {
+		return err
+	}
 	host, err := img.allocate(ctx, int64(len(comp)), sectorSize)
 	if err != nil {
 		return err
@@ -253,5 +264,5 @@ func (img *image) WriteCompressed(ctx context.Context, off int64, data []byte) e
 	if host >= 1<<(63-uint(img.hdr.ClusterBits)) {
 		return fmt.Errorf("qcow: compressed cluster offset %#x too large for an L2 entry: %w", host, syscall.EFBIG)
 	}
-	return img.setEntry(ctx, off, CompressedEntry(host, int64(len(comp)), img.hdr.ClusterBits), 0)
+	return img.setEntry(ctx, off, l2off, CompressedEntry(host, int64(len(comp)), img.hdr.ClusterBits), 0)
 }
