@@ -18,9 +18,11 @@
 //     4 KiB window; qemu-img packs compressed clusters at 512-byte
 //     boundaries;
 //   - qemu-img makes 4 KiB clusters with 512-entry L2 tables, or, with a
-//     backing file, 512-byte clusters with 4096-entry L2 tables; new L2
-//     tables and clusters go at the end of the file, rounded up to a
-//     cluster;
+//     backing file, 512-byte clusters with 4096-entry L2 tables; a write
+//     to an unmapped cluster puts its L2 table (when new) and then the
+//     cluster at the end of the file, each rounded up to a cluster, and
+//     the same writes leave the same bytes as qemu-io's, copy on write
+//     and AES included;
 //   - crypt_method 1 is AES-128-CBC on each 512-byte sector, the key the
 //     passphrase's bytes padded with zeros to 16 bytes, the IV the guest
 //     sector number (plain64). That is weak (a predictable IV, no key
