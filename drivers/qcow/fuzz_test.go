@@ -54,6 +54,10 @@ func FuzzParseHeader(f *testing.F) {
 // memory file) and reads, maps and writes them: the L1/L2 tables and
 // compressed entries come from the file. Errors are fine; panics, and
 // requests outside the file (the graph refuses those), are not.
+//
+// Run it with -fuzzminimizetime 0s: minimizing the (tens of KiB) inputs
+// that find new coverage takes minutes a piece with this binary's
+// coverage counters, during which the fuzzer reports no executions.
 func FuzzImage(f *testing.F) {
 	fuzzSeeds(f)
 	f.Fuzz(fuzzOne)

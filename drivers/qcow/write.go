@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"sync"
 	"syscall"
 
 	"github.com/klauspost/compress/flate"
@@ -14,6 +15,9 @@ import (
 // deflateWindow is the window QEMU inflates compressed clusters with
 // (raw deflate, 4 KiB): back-references must not reach further.
 const deflateWindow = 4096
+
+// deflaters keeps writers (and their large tables) between clusters.
+var deflaters sync.Pool
 
 func (img *image) WriteV(ctx context.Context, off int64, iov [][]byte, flags graph.WriteFlags) error {
 	if img.keyErr != nil {
@@ -200,10 +204,16 @@ func (img *image) writeL1(ctx context.Context, i int64, ebuf []byte, flags graph
 // when that is not smaller than a cluster.
 func (img *image) compress(data []byte) ([]byte, error) {
 	var buf bytes.Buffer
-	w, err := flate.NewWriterWindow(&buf, deflateWindow)
-	if err != nil {
-		return nil, err
+	w, _ := deflaters.Get().(*flate.Writer)
+	if w == nil {
+		var err error
+		if w, err = flate.NewWriterWindow(&buf, deflateWindow); err != nil {
+			return nil, err
+		}
+	} else {
+		w.Reset(&buf)
 	}
+	defer deflaters.Put(w)
 	if _, err := w.Write(data); err != nil {
 		return nil, err
 	}
