@@ -16,9 +16,6 @@ import (
 // (raw deflate, 4 KiB): back-references must not reach further.
 const deflateWindow = 4096
 
-// deflaters keeps writers (and their large tables) between clusters.
-var deflaters sync.Pool
-
 func (img *image) WriteV(ctx context.Context, off int64, iov [][]byte, flags graph.WriteFlags) error {
 	if img.keyErr != nil {
 		return img.keyErr
@@ -200,28 +197,54 @@ func (img *image) writeL1(ctx context.Context, i int64, ebuf []byte, flags graph
 	return img.file.WriteV(ctx, at, [][]byte{ebuf}, flags)
 }
 
-// compress returns data as raw deflate with QEMU's 4 KiB window, or nil
-// when that is not smaller than a cluster.
+// compress returns data as raw deflate that QEMU can inflate (4 KiB
+// window), or nil when that is not smaller than a cluster. The windowed
+// encoder stores data it finds few matches in; Huffman coding alone (no
+// back-references at all) is tried then, and the smaller one kept.
 func (img *image) compress(data []byte) ([]byte, error) {
+	out, err := deflate(&windowDeflaters, data, func(w *bytes.Buffer) (*flate.Writer, error) {
+		return flate.NewWriterWindow(w, deflateWindow)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(out) >= len(data)*7/8 {
+		huff, err := deflate(&huffmanDeflaters, data, func(w *bytes.Buffer) (*flate.Writer, error) {
+			return flate.NewWriter(w, flate.HuffmanOnly)
+		})
+		if err != nil {
+			return nil, err
+		}
+		if len(huff) < len(out) {
+			out = huff
+		}
+	}
+	if int64(len(out)) >= img.cs {
+		return nil, nil
+	}
+	return out, nil
+}
+
+// Deflate writers (and their large tables) kept between clusters.
+var windowDeflaters, huffmanDeflaters sync.Pool
+
+func deflate(pool *sync.Pool, data []byte, mk func(*bytes.Buffer) (*flate.Writer, error)) ([]byte, error) {
 	var buf bytes.Buffer
-	w, _ := deflaters.Get().(*flate.Writer)
+	w, _ := pool.Get().(*flate.Writer)
 	if w == nil {
 		var err error
-		if w, err = flate.NewWriterWindow(&buf, deflateWindow); err != nil {
+		if w, err = mk(&buf); err != nil {
 			return nil, err
 		}
 	} else {
 		w.Reset(&buf)
 	}
-	defer deflaters.Put(w)
+	defer pool.Put(w)
 	if _, err := w.Write(data); err != nil {
 		return nil, err
 	}
 	if err := w.Close(); err != nil {
 		return nil, err
-	}
-	if int64(buf.Len()) >= img.cs {
-		return nil, nil
 	}
 	return buf.Bytes(), nil
 }
