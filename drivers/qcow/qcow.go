@@ -40,6 +40,18 @@ type Options struct {
 	Encrypt map[string]any `qapi:"encrypt,optional"`
 }
 
+// encryption decodes Encrypt (nil when absent).
+func (o *Options) encryption() (*Encryption, error) {
+	if o.Encrypt == nil {
+		return nil, nil
+	}
+	enc := &Encryption{}
+	if err := qapi.Decode(o.Encrypt, enc, qapi.JSON); err != nil {
+		return nil, err
+	}
+	return enc, nil
+}
+
 func init() {
 	graph.Register(&graph.Driver{
 		Name:                  "qcow",
@@ -81,6 +93,9 @@ type image struct {
 	cipher *crypto.SectorCipher
 	keyErr error // set when an encrypted image was opened without its key
 
+	readOnly bool
+	secrets  func(id string) ([]byte, error) // the graph's secret objects, for reopen
+
 	alloc sync.Mutex // see the package doc
 
 	meta  sync.Mutex
@@ -121,17 +136,14 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	img := &image{
 		log: oc.Logger(), file: file, hdr: h, cs: h.ClusterSize(),
 		size: int64(h.Size) &^ (sectorSize - 1), l1Off: int64(h.L1TableOffset),
-		l2: map[int64][]uint64{},
+		l2: map[int64][]uint64{}, readOnly: oc.ReadOnly(), secrets: oc.Secret,
 	}
 	if img.log == nil {
 		img.log = slog.New(slog.DiscardHandler)
 	}
-	var enc *Encryption
-	if opts.Encrypt != nil {
-		enc = &Encryption{}
-		if err := qapi.Decode(opts.Encrypt, enc, qapi.JSON); err != nil {
-			return nil, err
-		}
+	enc, err := opts.encryption()
+	if err != nil {
+		return nil, err
 	}
 	if err := img.setupCipher(oc, enc); err != nil {
 		return nil, err
@@ -158,39 +170,47 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 // setupCipher makes the sector cipher of an AES image from its
 // passphrase (encrypt.key-secret), after the daemon's refusal.
 func (img *image) setupCipher(oc *graph.OpenContext, enc *Encryption) error {
+	if img.hdr.CryptMethod != CryptNone {
+		if err := refuseOpen(oc); err != nil {
+			return err
+		}
+	}
+	c, keyErr, err := img.cipherFor(enc, oc.ReadOnly())
+	if err != nil {
+		return err
+	}
+	img.cipher, img.keyErr = c, keyErr
+	return nil
+}
+
+// cipherFor checks the encrypt options against the header and returns
+// the cipher (nil for a plain image). An AES image opened read-only
+// without its key gets keyErr instead: what qemu-img info needs (the
+// metadata is not encrypted); its guest data cannot be read.
+func (img *image) cipherFor(enc *Encryption, readOnly bool) (c *crypto.SectorCipher, keyErr, err error) {
 	if img.hdr.CryptMethod == CryptNone {
 		if enc != nil && enc.Format != "" {
-			return qapi.Errorf(qapi.GenericError, "No encryption in image header, but options specified format '%s'", enc.Format)
+			return nil, nil, qapi.Errorf(qapi.GenericError, "No encryption in image header, but options specified format '%s'", enc.Format)
 		}
-		return nil
+		return nil, nil, nil
 	}
 	if enc != nil && enc.Format != "" && enc.Format != "aes" {
-		return qapi.Errorf(qapi.GenericError, "Header reported 'aes' encryption format but options specify '%s'", enc.Format)
-	}
-	if err := refuseOpen(oc); err != nil {
-		return err
+		return nil, nil, qapi.Errorf(qapi.GenericError, "Header reported 'aes' encryption format but options specify '%s'", enc.Format)
 	}
 	if enc == nil || enc.KeySecret == "" {
 		missing := qapi.Errorf(qapi.GenericError, "Parameter 'encrypt.key-secret' is required for cipher")
-		if !oc.ReadOnly() {
-			return missing
+		if !readOnly {
+			return nil, nil, missing
 		}
-		// Read-only without the key: what qemu-img info needs (the
-		// metadata is not encrypted); guest data cannot be read.
-		img.keyErr = missing
-		return nil
+		return nil, missing, nil
 	}
-	pass, err := oc.Secret(enc.KeySecret)
+	pass, err := img.secrets(enc.KeySecret)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	defer clear(pass)
-	c, err := legacyCipher(pass)
-	if err != nil {
-		return err
-	}
-	img.cipher = c
-	return nil
+	c, err = legacyCipher(pass)
+	return c, nil, err
 }
 
 // legacyCipher is qcow's AES: the passphrase's first 16 bytes, zero

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"blockbackend/graph"
 	"blockbackend/qmp/qapi"
 )
 
@@ -102,5 +103,67 @@ func TestKeyErrors(t *testing.T) {
 		"file":    map[string]any{"driver": "file", "filename": filepath.Join("testdata", "written.qcow")},
 		"encrypt": map[string]any{"key-secret": "s0"}}, qapi.JSON); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestReopen: read-only and back (blockdev-reopen), keeping the key
+// given at open; an AES image opened for info without its key cannot
+// become writable.
+func TestReopen(t *testing.T) {
+	ctx := context.Background()
+	p := filepath.Join(t.TempDir(), "r.qcow")
+	b, _ := os.ReadFile(filepath.Join("testdata", "aes.qcow"))
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g := newGraph(t)
+	open := func(name string, key bool) *graph.Node {
+		o := map[string]any{"driver": "qcow", "node-name": name, "read-only": true,
+			"file": map[string]any{"driver": "file", "filename": p, "node-name": name + "f", "read-only": false}}
+		if key {
+			o["encrypt"] = map[string]any{"key-secret": "s0"}
+		}
+		n, err := g.Add(ctx, o, qapi.JSON)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	reopen := func(name string, ro bool) error {
+		return g.Reopen(ctx, []map[string]any{{"driver": "qcow", "node-name": name, "read-only": ro, "file": name + "f"}}, qapi.JSON)
+	}
+	open("nokey", false)
+	if err := reopen("nokey", false); err == nil || !strings.Contains(err.Error(), "encrypt.key-secret") {
+		t.Fatalf("read-write without the key: %v", err)
+	}
+	if err := g.Delete(ctx, "nokey"); err != nil {
+		t.Fatal(err)
+	}
+	n := open("q", true)
+	if err := reopen("q", false); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, []byte("after reopen"), 70000, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := reopen("q", true); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, []byte("x"), 0, 0); err == nil {
+		t.Fatal("write on a node reopened read-only")
+	}
+	buf := make([]byte, 12)
+	if err := n.ReadAt(ctx, buf, 70000); err != nil || string(buf) != "after reopen" {
+		t.Fatalf("read back %q: %v", buf, err)
+	}
+	if err := g.Delete(ctx, "q"); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "r.raw")
+	qemu(t, "qemu-img", "convert", "--object", testSecret, "--image-opts",
+		"driver=qcow,file.filename="+p+",encrypt.key-secret=s0", "-O", "raw", out)
+	raw, _ := os.ReadFile(out)
+	if string(raw[70000:70012]) != "after reopen" || raw[0] != 0x5a {
+		t.Fatalf("qemu-img reads %q, %#x", raw[70000:70012], raw[0])
 	}
 }
