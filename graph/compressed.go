@@ -36,6 +36,7 @@ func (n *Node) WriteCompressed(ctx context.Context, off int64, data []byte) erro
 	if !ok {
 		return fmt.Errorf("Compression not supported for this file format: %w", ErrNotSupported)
 	}
+	defer n.markDirty(off, int64(len(data)))
 	n.wrOps.Add(1)
 	n.wrBytes.Add(uint64(len(data)))
 	return cw.WriteCompressed(ctx, off, data)

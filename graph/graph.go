@@ -27,7 +27,9 @@
 // exports, permissions) and is held for every graph change; I/O never takes
 // it. Node.io is a read-write lock: every request holds it shared while it
 // runs in the driver, and a change that swaps driver state (reopen, close)
-// takes it exclusively, which drains the node.
+// takes it exclusively, which drains the node. The dirty bitmap locks
+// (Node.bmMu, then DirtyBitmap.mu; bitmaps.go) come last: drivers take
+// them under their own locks, and nothing is called with them held.
 package graph
 
 import (
@@ -68,6 +70,10 @@ type Graph struct {
 	Objects *Objects
 	// Events receives QMP events (BLOCK_EXPORT_DELETED, ...). Set before use.
 	Events func(name string, data any)
+	// ImageTool marks the image tool's graph (blockbackend img): drivers
+	// then allow what only the tool may do (legacy AES images, for
+	// conversion). Set before opening nodes; false in the daemon.
+	ImageTool bool
 
 	mu       sync.Mutex         // guards everything below, and all edges and permissions
 	nodes    map[string]*Node   // by node name, implicit ones included
@@ -127,6 +133,12 @@ type Node struct {
 
 	// Stats.
 	rdOps, wrOps, flOps, rdBytes, wrBytes atomic.Uint64
+
+	// Dirty bitmaps (bitmaps.go): bmMu guards bitmaps; bmList is a copy
+	// published for the write path, which reads it without a lock.
+	bmMu    sync.Mutex
+	bitmaps []*DirtyBitmap
+	bmList  atomic.Pointer[[]*DirtyBitmap]
 }
 
 // Name is the node name.

@@ -29,6 +29,9 @@ type ImageOptions struct {
 	Extra map[string]any
 	// Warn receives warnings meant for a person (the raw probing warning).
 	Warn func(string)
+	// NoIO opens every node for metadata only (OpenContext.NoIO): what
+	// qemu-img info and create -b's backing check do.
+	NoIO bool
 }
 
 // OpenImage opens an image the way qemu-img and -drive do: a filename that
@@ -83,7 +86,7 @@ func (g *Graph) openImageOpts(ctx context.Context, m map[string]any, mode qapi.M
 	g.applyImageOptions(m, o)
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.openNodeLocked(ctx, m, mode, &openTxn{})
+	return g.openNodeLocked(ctx, m, mode, &openTxn{noIO: o.NoIO})
 }
 
 // openProbed opens the protocol node, reads its first bytes and opens the
@@ -93,7 +96,7 @@ func (g *Graph) openProbed(ctx context.Context, popts map[string]any, mode qapi.
 	g.applyImageOptions(popts, ImageOptions{ReadOnly: o.ReadOnly, ForceShare: o.ForceShare})
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	proto, err := g.openNodeLocked(ctx, popts, mode, &openTxn{})
+	proto, err := g.openNodeLocked(ctx, popts, mode, &openTxn{noIO: o.NoIO})
 	if err != nil {
 		return nil, err
 	}
@@ -111,7 +114,7 @@ func (g *Graph) openProbed(ctx context.Context, popts map[string]any, mode qapi.
 	}
 	m := map[string]any{"driver": drv.Name, "file": proto.name}
 	g.applyImageOptions(m, o)
-	fmtNode, err := g.openNodeLocked(ctx, m, qapi.JSON, &openTxn{probed: drv.Name == "raw"})
+	fmtNode, err := g.openNodeLocked(ctx, m, qapi.JSON, &openTxn{probed: drv.Name == "raw", noIO: o.NoIO})
 	if err != nil {
 		_ = g.closeNodeLocked(proto)
 		return nil, err

@@ -126,6 +126,7 @@ func (n *Node) WriteV(ctx context.Context, off int64, iov [][]byte, flags WriteF
 		return err
 	}
 	defer n.end()
+	defer n.markDirty(off, length)
 	n.wrOps.Add(1)
 	n.wrBytes.Add(uint64(length))
 	if n.common.DetectZeroes != "off" && length > 0 && allZero(iov) {
@@ -187,6 +188,7 @@ func (n *Node) Discard(ctx context.Context, off, length int64) error {
 	if !ok {
 		return nil
 	}
+	defer n.markDirty(off, length)
 	err = d.Discard(ctx, off, length)
 	if errors.Is(err, syscall.ENOTSUP) || errors.Is(err, syscall.EOPNOTSUPP) {
 		return nil // advisory
@@ -203,6 +205,7 @@ func (n *Node) WriteZeroes(ctx context.Context, off, length int64, flags ZeroFla
 		return err
 	}
 	defer n.end()
+	defer n.markDirty(off, length)
 	n.wrOps.Add(1)
 	if !n.common.Discard.Unmap() {
 		flags &^= ZeroMayUnmap
@@ -297,7 +300,9 @@ func (n *Node) Truncate(ctx context.Context, size int64, exact bool, prealloc st
 	if err := t.Truncate(ctx, size, exact, prealloc); err != nil {
 		return err
 	}
-	return n.refreshSize()
+	err = n.refreshSize()
+	n.resizeBitmaps(n.SizeNow())
+	return err
 }
 
 // RefreshSize asks the driver for the size again (after a child grew).

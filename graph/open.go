@@ -13,6 +13,7 @@ import (
 type openTxn struct {
 	created []*Node
 	probed  bool // the next node opened had its format probed
+	noIO    bool // every node is opened for metadata only (OpenContext.NoIO)
 }
 
 // Add opens a node from BlockdevOptions (blockdev-add, --blockdev). The
@@ -193,7 +194,7 @@ func (g *Graph) Delete(ctx context.Context, name string) error {
 	}
 	if len(n.parents) > 0 {
 		for _, c := range n.parents {
-			if c.parent == nil {
+			if _, ok := c.user.(createHold); c.parent == nil && !ok {
 				return qapi.Errorf(qapi.GenericError, "Node '%s' is busy: node is used as %s", name, c.user.UserDesc())
 			}
 		}

@@ -49,6 +49,8 @@ type NodeInfo struct {
 	Image            ImageInfo `json:"image"`
 	Cache            CacheInfo `json:"cache"`
 	WriteThreshold   int64     `json:"write_threshold"`
+	// DirtyBitmaps: the node's bitmaps (bitmaps.go), absent when none.
+	DirtyBitmaps []BitmapInfo `json:"dirty-bitmaps,omitempty"`
 }
 
 // QueryNodes answers query-named-block-nodes. With flat, backing images
@@ -68,6 +70,7 @@ func (g *Graph) QueryNodes(flat bool) []NodeInfo {
 			DetectZeroes: string(c.DetectZeroes),
 			Image:        n.imageInfo(!flat),
 			Cache:        CacheInfo{Writeback: true, Direct: c.Cache.Direct, NoFlush: c.Cache.NoFlush},
+			DirtyBitmaps: n.BitmapInfos(),
 		}
 		if b := n.Child("backing"); b != nil {
 			info.BackingFile = b.node.Filename()

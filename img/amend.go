@@ -1,6 +1,7 @@
 package img
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
@@ -64,6 +65,13 @@ func (t *Tool) amend(args []string) int {
 		return t.errorf("%s", errText(err))
 	}
 	if err := am.Amend(t.Ctx, target.opts, force); err != nil {
+		// A driver's message in QEMU's words is printed as it is (as
+		// qemu-img 7.2 does for qcow2's "Unknown compatibility level"
+		// and LUKS key slot errors); a bare failure gets the prefix.
+		var qe *qapi.Error
+		if errors.As(err, &qe) {
+			return t.errorf("%s", errText(err))
+		}
 		return t.errorf("Error while amending options: %s", errnoText(err))
 	}
 	if err := im.node.RefreshSize(); err != nil {

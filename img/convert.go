@@ -157,6 +157,9 @@ func (t *Tool) convert(args []string) int {
 		j.starts = append(j.starts, j.total)
 		j.total += im.node.SizeNow()
 	}
+	if compress && !noCreate && encryptedOpts(optStr) {
+		return t.errorf("Compression and encryption not supported at the same time")
+	}
 	created := false
 	if !noCreate {
 		if err := t.createImage(createReq{
@@ -610,4 +613,15 @@ func stringish(t reflect.Type) bool {
 		t = t.Elem()
 	}
 	return t.Kind() == reflect.String || t.Kind() == reflect.Map
+}
+
+// encryptedOpts reports whether create options ask for encryption
+// (encrypt.format, or qemu-img's encryption=on).
+func encryptedOpts(optStr string) bool {
+	for _, it := range parseOptList(optStr) {
+		if it.key == "encrypt.format" || (it.key == "encryption" && it.val != "off") {
+			return true
+		}
+	}
+	return false
 }

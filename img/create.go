@@ -275,6 +275,17 @@ func (t *Tool) createImage(r createReq) error {
 				// A PreallocMode value the format does not offer.
 				return fmt.Errorf("Unsupported preallocation mode: %s", v)
 			}
+			if format != nil {
+				// A format's create options go through QAPI in
+				// qemu-img, whose message names the member (without
+				// the path of a nested one: 'cipher-alg'); only
+				// preallocation is parsed by the format itself where
+				// it has no clusters (luks), as by the file protocol.
+				if name, ok := enumParamName(err); ok && (name != "preallocation" || format.has("cluster-size")) {
+					return fmt.Errorf("Parameter '%s' does not accept value '%s'", name, v)
+				}
+			}
+			// The file protocol parses its enums itself.
 			return fmt.Errorf("invalid parameter value: %s", v)
 		}
 		return err
@@ -367,6 +378,24 @@ func enumValueError(err error) (string, bool) {
 	return strings.TrimSuffix(msg[i+len(mark):], "'"), true
 }
 
+// enumParamName returns the member an enum error is about, the last
+// component of its path.
+func enumParamName(err error) (string, bool) {
+	const mark = "Parameter '"
+	msg := err.Error()
+	i := strings.Index(msg, mark)
+	if i < 0 {
+		return "", false
+	}
+	name := msg[i+len(mark):]
+	j := strings.IndexByte(name, '\'')
+	if j < 0 {
+		return "", false
+	}
+	name = name[:j]
+	return name[strings.LastIndexByte(name, '.')+1:], true
+}
+
 var childRefType = reflect.TypeOf(graph.ChildRef{})
 
 func isChildRef(t reflect.Type) bool {
@@ -426,7 +455,7 @@ func (t *Tool) probeBacking(filename, backing, backingFmt string) (int64, string
 		return 0, "", err
 	}
 	defer g.Close()
-	n, err := g.OpenImage(t.Ctx, path, graph.ImageOptions{Format: backingFmt, ReadOnly: true, ForceShare: true})
+	n, err := g.OpenImage(t.Ctx, path, graph.ImageOptions{Format: backingFmt, ReadOnly: true, ForceShare: true, NoIO: true})
 	if err != nil {
 		return 0, "", fmt.Errorf("%s\nCould not open backing image.", errText(err))
 	}

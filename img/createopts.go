@@ -191,6 +191,7 @@ var optDescs = map[string]string{
 	"encrypt.ivgen-alg":      "Name of IV generator algorithm",
 	"encrypt.ivgen-hash-alg": "Name of IV generator hash algorithm",
 	"encrypt.key-secret":     "ID of secret providing qcow AES key or LUKS passphrase",
+	"encryption":             "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
 	"extended_l2":            "Extended L2 tables",
 	"extent_size_hint":       "Extent size hint for the image file, 0 to disable",
 	"lazy_refcounts":         "Postpone refcount updates",
@@ -352,8 +353,10 @@ func fieldValue(opts any, qname string) (string, bool) {
 // formattingOrder is the order in which qemu-img 7.2 lists create options
 // in its "Formatting ..." line, as observed.
 var formattingOrder = []string{
+	"encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+	"encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time",
 	"cluster_size", "extended_l2", "preallocation", "compression_type", "size", "compat",
-	"backing_file", "backing_fmt", "data_file", "data_file_raw", "encryption", "encrypt.",
+	"backing_file", "backing_fmt", "data_file", "data_file_raw",
 	"lazy_refcounts", "refcount_bits", "nocow", "extent_size_hint",
 }
 
@@ -364,9 +367,12 @@ var shownDefaults = map[string]bool{
 	"lazy_refcounts": true, "refcount_bits": true,
 }
 
-// formattingOrderFlat is the order for formats without clusters (raw),
-// where preallocation is the protocol's and comes after nocow.
-var formattingOrderFlat = []string{"size", "backing_file", "backing_fmt", "nocow", "preallocation", "extent_size_hint"}
+// formattingOrderFlat is the order for formats without clusters (raw,
+// luks), where the format's own options come first and preallocation
+// after nocow.
+var formattingOrderFlat = []string{"size", "backing_file", "backing_fmt",
+	"key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time",
+	"nocow", "preallocation", "extent_size_hint"}
 
 func orderRank(name string, flat bool) int {
 	order := formattingOrder

@@ -39,6 +39,7 @@ type Tool struct {
 // newGraph is a graph with the --object objects (secrets) in it.
 func (t *Tool) newGraph() (*graph.Graph, error) {
 	g := graph.New(t.Log)
+	g.ImageTool = true
 	for _, def := range t.objects {
 		m, isJSON, err := keyval.ParseOption(def, "qom-type")
 		if err == nil {
@@ -227,6 +228,8 @@ type openFlags struct {
 	// plainName: the name is a filename even with --image-opts (convert's
 	// target).
 	plainName bool
+	// noIO: metadata only (graph.ImageOptions.NoIO), as qemu-img info.
+	noIO bool
 }
 
 // open opens filename as qemu-img does (img_open): the graph's
@@ -243,7 +246,7 @@ func (t *Tool) open(filename string, f openFlags) (*image, error) {
 	if err != nil {
 		return nil, err
 	}
-	o := graph.ImageOptions{Format: f.format, ReadOnly: !f.writable, ForceShare: f.forceShare && !f.writable}
+	o := graph.ImageOptions{Format: f.format, ReadOnly: !f.writable, ForceShare: f.forceShare && !f.writable, NoIO: f.noIO}
 	if f.writable { // even with -q, as qemu-img
 		o.Warn = func(s string) { fmt.Fprintln(t.Stderr, s) }
 	}

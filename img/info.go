@@ -192,7 +192,7 @@ func (t *Tool) info(args []string) int {
 		return t.usageErr("Expecting one image file name")
 	}
 	filename := ops[0]
-	im, err := t.open(filename, openFlags{format: format, forceShare: share, noBacking: !chain})
+	im, err := t.open(filename, openFlags{format: format, forceShare: share, noBacking: !chain, noIO: true})
 	if err != nil {
 		return t.errorf("%s", err)
 	}
@@ -250,6 +250,7 @@ func (t *Tool) writeInfoHuman(m map[string]any, snaps []graph.SnapshotInfo) {
 	} else {
 		fmt.Fprintf(w, "disk size: unavailable\n")
 	}
+	// qemu-img 7.2 prints "encrypted" before "cluster_size".
 	if e, _ := m["encrypted"].(bool); e {
 		fmt.Fprintf(w, "encrypted: yes\n")
 	}

@@ -17,7 +17,7 @@ import (
 var keyOrders = [][]string{
 	// ImageInfo (info --output=json)
 	{"backing-filename-format", "snapshots", "virtual-size", "filename", "cluster-size", "format",
-		"actual-size", "encrypted", "format-specific", "full-backing-filename", "backing-filename",
+		"actual-size", "format-specific", "full-backing-filename", "encrypted", "backing-filename",
 		"dirty-flag", "backing-image"},
 	// SnapshotInfo
 	{"icount", "vm-clock-nsec", "name", "date-sec", "date-nsec", "vm-clock-sec", "id", "vm-state-size"},
@@ -27,7 +27,10 @@ var keyOrders = [][]string{
 	// Qcow2BitmapInfo
 	{"flags", "name", "granularity"},
 	// QCryptoBlockInfoLUKS
-	{"ivgen-alg", "hash-alg", "cipher-alg", "uuid", "cipher-mode", "slots", "payload-offset", "master-key-iters"},
+	{"ivgen-alg", "hash-alg", "cipher-alg", "uuid", "ivgen-hash-alg", "cipher-mode", "slots", "payload-offset", "master-key-iters"},
+	// QCryptoBlockInfo of a qcow2 image's "encrypt" (LUKS: with format)
+	{"ivgen-alg", "hash-alg", "cipher-alg", "uuid", "ivgen-hash-alg", "format", "cipher-mode", "slots",
+		"payload-offset", "master-key-iters"},
 	// QCryptoBlockInfoLUKSSlot
 	{"active", "iters", "key-offset", "stripes"},
 	// ImageCheck (check --output=json)

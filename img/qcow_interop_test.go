@@ -3,12 +3,8 @@ package img
 import (
 	"testing"
 
-	"blockbackend/drivers/qcow"
+	_ "blockbackend/drivers/qcow"
 )
-
-// The image tool opens legacy AES qcow images (cmd/blockbackend sets
-// this for `blockbackend img`).
-func init() { qcow.ImageTool.Store(true) }
 
 // TestInteropQcow: img create, info, map, check, compare, convert on
 // qcow (version 1) images, side by side with qemu-img 7.2.

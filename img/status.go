@@ -34,24 +34,11 @@ func chainStatus(ctx context.Context, top *graph.Node, off, n int64, cache *zero
 			return extent{}, err
 		}
 		n = ext.Length
-		if ext.Status&graph.StatusRecurse != 0 && ext.File != nil {
-			// The format passes the range through to its file child at
-			// ext.Offset: the child's status says what the bytes are.
-			sub, err := ext.File.BlockStatus(ctx, ext.Offset, n)
-			if err != nil {
-				return extent{}, err
-			}
-			n = sub.Length
-			ext.Status = ext.Status&graph.StatusAllocated | sub.Status&(graph.StatusData|graph.StatusZero)
-			if sub.File != nil {
-				ext.File, ext.Offset = sub.File, sub.Offset
-			}
-		}
-		if ext.Status&graph.StatusRecurse == 0 && ext.Status&graph.StatusData != 0 && ext.Status&graph.StatusZero == 0 &&
-			ext.File != nil && ext.File != cur {
-			// Data stored at ext.Offset of a child that reads as zeros
-			// there (a preallocated cluster in a hole) reads as zeros:
-			// QEMU reports such runs as data and zero.
+		if ext.Status&graph.StatusRecurse != 0 && ext.File != nil && ext.Status&graph.StatusZero == 0 {
+			// The format keeps its data at ext.Offset of a child and
+			// asks that child whether it reads as zeros there (a
+			// metadata-preallocated cluster in a hole of its file):
+			// QEMU then reports the run as data and zero.
 			zero, length, err := cache.zeroAt(ctx, ext.File, ext.Offset, n)
 			if err != nil {
 				return extent{}, err
@@ -73,7 +60,10 @@ func chainStatus(ctx context.Context, top *graph.Node, off, n int64, cache *zero
 				// Nothing below: unallocated reads as zeros.
 				e.zero, e.data = true, false
 			}
-			if ext.File != nil && e.present {
+			if ext.File != nil {
+				// Also for a range no layer allocates but the format
+				// has a host cluster behind (a preallocated subcluster):
+				// qemu-img map shows where it lies.
 				e.hasOffset, e.offset, e.file = true, ext.Offset, ext.File
 			}
 			return e, nil

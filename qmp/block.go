@@ -104,6 +104,8 @@ func BlockCommands(s *Server, g *graph.Graph, quit func()) {
 		return empty(g.DeleteExport(ctx, a.ID, a.Mode == "hard"))
 	})
 
+	bitmapCommands(s, g)
+
 	reg("query-block-exports", nil, []graph.ExportInfo{}, func(ctx context.Context, args map[string]any) (any, error) {
 		return g.Exports(), nil
 	})

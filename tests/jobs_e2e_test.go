@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
@@ -332,4 +333,105 @@ func TestIntegrationCancelCreateLikeQSD(t *testing.T) {
 	if !reflect.DeepEqual(ourQ, want) {
 		t.Errorf("query-jobs %v, want %v", ourQ, want)
 	}
+}
+
+// TestIntegrationCreateRefLikeQSD formats with blockdev-create through an
+// inline file definition (opened for the job only) and through a node
+// name, on both daemons; the images must be alike. While a long create
+// runs, blockdev-del of its file node fails as in QEMU.
+func TestIntegrationCreateRefLikeQSD(t *testing.T) {
+	needTool(t, "qemu-storage-daemon", "qemu-img")
+	scenario := func(sock, dir string) ([]string, map[string]imgFacts) {
+		s := newJobSession(t, sock)
+		var replies []string
+		step := func(cmd string, args any) qmpReply {
+			r := s.call(t, cmd, args)
+			if r.Err != nil {
+				replies = append(replies, fmt.Sprintf("%s: %v: %s", cmd, r.Err["class"], r.errText()))
+			} else {
+				b, _ := json.Marshal(r.Return)
+				replies = append(replies, cmd+": "+string(b))
+			}
+			return r
+		}
+		inline, named := filepath.Join(dir, "inline.qcow2"), filepath.Join(dir, "named.qcow2")
+		for _, p := range []string{inline, named} {
+			if err := os.WriteFile(p, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		step("blockdev-create", map[string]any{"job-id": "c1", "options": map[string]any{
+			"driver": "qcow2", "size": 64 << 20, "cluster-size": 65536,
+			"file": map[string]any{"driver": "file", "filename": inline}}})
+		s.waitStatus(t, "c1", "concluded")
+		step("job-dismiss", map[string]any{"id": "c1"})
+		// The inline node is gone with the job.
+		r := step("query-named-block-nodes", map[string]any{"flat": true})
+		replies[len(replies)-1] = fmt.Sprintf("nodes after inline create: %d", len(r.Return.([]any)))
+		step("blockdev-create", map[string]any{"job-id": "c2", "options": map[string]any{
+			"driver": "qcow2", "size": 64 << 20, "file": map[string]any{"driver": "file", "filename": filepath.Join(dir, "nosuch", "x")}}})
+		s.waitStatus(t, "c2", "concluded")
+		step("query-jobs", nil)
+		step("job-dismiss", map[string]any{"id": "c2"})
+		step("blockdev-add", map[string]any{"driver": "file", "node-name": "f", "filename": named})
+		step("blockdev-create", map[string]any{"job-id": "c3", "options": map[string]any{
+			"driver": "qcow2", "size": 64 << 20, "file": "f", "lazy-refcounts": true}})
+		s.waitStatus(t, "c3", "concluded")
+		step("job-dismiss", map[string]any{"id": "c3"})
+		step("blockdev-del", map[string]any{"node-name": "f"})
+		return replies, map[string]imgFacts{"inline": qemuImgInfo(t, inline), "named": qemuImgInfo(t, named)}
+	}
+	ourDir, qsdDir := shortDir(t), shortDir(t)
+	ourSock := filepath.Join(ourDir, "qmp.sock")
+	start(t, ourSock, "--chardev", "socket,id=m,path="+ourSock+",server=on,wait=off", "--monitor", "chardev=m")
+	ours, ourFiles := scenario(ourSock, ourDir)
+	qsdSock := filepath.Join(qsdDir, "qmp.sock")
+	startQSD(t, qsdSock)
+	theirs, qsdFiles := scenario(qsdSock, qsdDir)
+	for i := range max(len(ours), len(theirs)) {
+		var o, q string
+		if i < len(ours) {
+			o = ours[i]
+		}
+		if i < len(theirs) {
+			q = theirs[i]
+		}
+		// Paths differ between the two runs' directories.
+		o, q = strings.ReplaceAll(o, ourDir, "DIR"), strings.ReplaceAll(q, qsdDir, "DIR")
+		if o != q {
+			t.Errorf("step %d differs:\nours: %s\nqsd:  %s", i, o, q)
+		}
+	}
+	for name, f := range ourFiles {
+		// Allocated sizes differ: QEMU ends the file right after the
+		// L1 table, we at the end of its cluster.
+		q := qsdFiles[name]
+		if f.VirtualSize != q.VirtualSize || f.Format != q.Format || f.Format != "qcow2" {
+			t.Errorf("%s: qemu-img info of ours %+v, of qsd's %+v", name, f, qsdFiles[name])
+		}
+	}
+
+	// blockdev-del of the file node while a long create formats it.
+	s := newJobSession(t, ourSock)
+	big := filepath.Join(ourDir, "big.qcow2")
+	if err := os.WriteFile(big, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := s.call(t, "blockdev-add", map[string]any{"driver": "file", "node-name": "fb", "filename": big}); r.Err != nil {
+		t.Fatal(r.errText())
+	}
+	if r := s.call(t, "blockdev-create", map[string]any{"job-id": "big", "options": map[string]any{
+		"driver": "qcow2", "size": 4 << 30, "file": "fb", "preallocation": "full"}}); r.Err != nil {
+		t.Fatal(r.errText())
+	}
+	r := s.call(t, "blockdev-del", map[string]any{"node-name": "fb"})
+	if got := r.errText(); got != "Block device fb is in use" {
+		// Only a create already over may have let it go.
+		jobs, _ := json.Marshal(s.call(t, "query-jobs", nil).Return)
+		if !strings.Contains(string(jobs), "concluded") {
+			t.Errorf("blockdev-del during create: %q, want QEMU's \"Block device fb is in use\" (jobs %s)", got, jobs)
+		}
+	}
+	s.call(t, "job-cancel", map[string]any{"id": "big"})
+	s.waitStatus(t, "big", "concluded")
 }

@@ -6,8 +6,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-
-	_ "blockbackend/drivers/qcow"
 )
 
 // TestQcowAESDaemonRefusesToolConverts: the daemon refuses a qcow image

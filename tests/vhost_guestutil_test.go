@@ -105,6 +105,10 @@ type exportOpts struct {
 	// format, when set, puts a format node (qcow2) over the file node;
 	// its backing file, if any, opens from the image's header.
 	format string
+	// formatOpts are more options of the format node ("encrypt.format=
+	// luks,encrypt.key-secret=sec0"); objects are --object definitions.
+	formatOpts string
+	objects    []string
 }
 
 // backend is one running backend process serving img on sock.
@@ -127,13 +131,20 @@ func backendArgs(kind backendKind, img, sock, qmpSock string, o exportOpts) []st
 	node := "driver=file,node-name=d,filename=" + img
 	if o.format != "" {
 		node = "driver=" + o.format + ",node-name=d,file.driver=file,file.filename=" + img
+		if o.formatOpts != "" {
+			node += "," + o.formatOpts
+		}
 	}
-	return []string{
+	var objs []string
+	for _, ob := range o.objects {
+		objs = append(objs, "--object", ob)
+	}
+	return append(objs,
 		"--blockdev", node,
 		"--export", exp,
-		"--chardev", "socket,id=m,path=" + qmpSock + ",server=on,wait=off",
+		"--chardev", "socket,id=m,path="+qmpSock+",server=on,wait=off",
 		"--monitor", "chardev=m",
-	}
+	)
 }
 
 // startBackend starts kind on img with its vhost-user socket and QMP

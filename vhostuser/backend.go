@@ -9,7 +9,6 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -31,9 +30,23 @@ type Device interface {
 	// WriteConfig applies a SET_CONFIG write.
 	WriteConfig(off uint32, data []byte) error
 	// Handle serves one request and returns the number of bytes written
-	// into the chain's device-writable buffers. It runs on its own
-	// goroutine; requests of every queue run concurrently.
+	// into the chain's device-writable buffers. It may run on the ring's
+	// worker or on a helper goroutine (see worker.go): requests of one
+	// queue may run concurrently, and those of different queues do. It
+	// may block; the Server keeps serving the ring meanwhile.
 	Handle(queue int, c *virtq.Chain) (written uint32)
+}
+
+// QuickHandler is an optional capability of a Device: requests it can
+// serve at once, without I/O and without waiting (a read of zero
+// clusters), the ring's worker serves in line whatever the recent service
+// times, instead of handing them to a helper as it does once requests are
+// slow.
+type QuickHandler interface {
+	// HandleQuick serves c if it can do so without blocking and returns
+	// the bytes written and true; on false c is untouched and Handle
+	// serves it.
+	HandleQuick(queue int, c *virtq.Chain) (written uint32, ok bool)
 }
 
 // maxQueueSize is the largest ring the specification allows.
@@ -677,7 +690,7 @@ type queue struct {
 	started bool // a kick fd arrived
 	enabled bool
 
-	kick *os.File
+	kick int // the kick eventfd, or -1
 
 	// callMu guards call and errFD against being closed while a request
 	// goroutine signals them.
@@ -687,16 +700,13 @@ type queue struct {
 
 	log atomic.Pointer[virtq.DirtyLog]
 
-	vq       *virtq.Queue // non-nil while running
-	stopping atomic.Bool
-	worker   chan struct{} // closed when the worker exits
-	reqs     sync.WaitGroup
-	active   atomic.Int32 // requests being served on their own goroutines
-	chains   sync.Pool
+	vq     *virtq.Queue // non-nil while running
+	ring   *ring        // the running ring's worker state; non-nil while running
+	chains sync.Pool
 }
 
 func newQueue(s *session, idx int) *queue {
-	q := &queue{s: s, idx: idx, call: -1, errFD: -1}
+	q := &queue{s: s, idx: idx, kick: -1, call: -1, errFD: -1}
 	q.chains.New = func() any { return new(virtq.Chain) }
 	return q
 }
@@ -712,16 +722,16 @@ func (q *queue) setKick(fd int) error {
 		unix.Close(fd)
 		return fmt.Errorf("queue %d: kick fd: %w", q.idx, err)
 	}
-	// A non-blocking fd handed to os.NewFile is served by Go's poller, so a
-	// waiting ring costs a parked goroutine, not a thread.
-	q.kick = os.NewFile(uintptr(fd), fmt.Sprintf("vhost-user-kick-%d", q.idx))
+	// Non-blocking, as the frontend has it: the file description is
+	// shared with it. The worker waits for it with poll(2).
+	q.kick = fd
 	return nil
 }
 
 func (q *queue) closeKick() {
-	if q.kick != nil {
-		q.kick.Close()
-		q.kick = nil
+	if q.kick >= 0 {
+		unix.Close(q.kick)
+		q.kick = -1
 	}
 	q.started = false
 }
@@ -751,9 +761,6 @@ func (q *queue) closeFDs() {
 }
 
 var one = [8]byte{1}
-
-// pastTime wakes a worker waiting for a kick; zeroTime clears that.
-var pastTime, zeroTime = time.Unix(1, 0), time.Time{}
 
 func (q *queue) signal() {
 	q.callMu.RLock()
@@ -810,10 +817,11 @@ func (q *queue) maybeStart() error {
 		return fmt.Errorf("queue %d: %w", q.idx, err)
 	}
 	vq.SetLog(q.log.Load())
-	q.vq = vq
-	q.stopping.Store(false)
-	q.worker = make(chan struct{})
-	go q.run(vq, q.kick)
+	r, err := startRing(q, vq, q.kick)
+	if err != nil {
+		return fmt.Errorf("queue %d: %w", q.idx, err)
+	}
+	q.vq, q.ring = vq, r
 	return nil
 }
 
@@ -837,147 +845,9 @@ func (q *queue) stop() {
 	if q.vq == nil {
 		return
 	}
-	q.stopping.Store(true)
-	// Wake the worker if it waits for a kick; it sees stopping and exits.
-	if q.kick != nil {
-		_ = q.kick.SetReadDeadline(pastTime)
-	}
-	<-q.worker
-	if q.kick != nil {
-		_ = q.kick.SetReadDeadline(zeroTime)
-	}
-	q.reqs.Wait()
+	q.ring.stop()
 	q.base = q.vq.Base()
-	q.vq = nil
-}
-
-// run is the ring's worker: it pops requests whenever the driver kicks and
-// starts one goroutine per request, so that requests of a queue, and of
-// all queues, run concurrently. At any time exactly one goroutine is the
-// worker; it closes q.worker when it exits.
-func (q *queue) run(vq *virtq.Queue, kick *os.File) {
-	// Requests a previous backend left in flight come first.
-	for {
-		c := q.chains.Get().(*virtq.Chain)
-		ok, err := vq.Resubmit(c)
-		if err != nil {
-			q.broken(err)
-			close(q.worker)
-			return
-		}
-		if !ok {
-			q.chains.Put(c)
-			break
-		}
-		q.reqs.Add(1)
-		q.spawn(vq, c)
-	}
-	q.loop(vq, kick)
-}
-
-// loop drains the ring and waits for kicks until the ring stops.
-func (q *queue) loop(vq *virtq.Queue, kick *os.File) {
-	var buf [8]byte
-	for !q.stopping.Load() {
-		switch q.drain(vq, kick) {
-		case drainBroken:
-			close(q.worker)
-			return
-		case drainHandedOff:
-			return // another goroutine is the worker now
-		}
-		if _, err := kick.Read(buf[:]); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			break
-		}
-	}
-	close(q.worker)
-}
-
-const (
-	drainIdle = iota
-	drainBroken
-	drainHandedOff
-)
-
-// inlineHandoff is how long a request served on the worker may take before
-// a new worker takes over the ring, so that a slow lone request (a flush
-// on a slow disk) does not hold up the requests that come after it.
-const inlineHandoff = 100 * time.Microsecond
-
-// drain pops every available request.
-func (q *queue) drain(vq *virtq.Queue, kick *os.File) int {
-	for {
-		vq.DisableNotify()
-		// Each request but the last one popped starts on its own
-		// goroutine at once; the last one waits until the ring is seen
-		// empty, so that a lone request can be served right here.
-		var last *virtq.Chain
-		for !q.stopping.Load() {
-			c := q.chains.Get().(*virtq.Chain)
-			ok, err := vq.Pop(c)
-			if err != nil {
-				q.chains.Put(c)
-				if last != nil {
-					q.spawn(vq, last)
-				}
-				q.broken(err)
-				return drainBroken
-			}
-			if !ok {
-				q.chains.Put(c)
-				break
-			}
-			q.reqs.Add(1)
-			if last != nil {
-				q.spawn(vq, last)
-			}
-			last = c
-		}
-		if last != nil {
-			if q.active.Load() != 0 {
-				q.spawn(vq, last)
-			} else if !q.serveInline(vq, last, kick) {
-				return drainHandedOff
-			}
-		}
-		if q.stopping.Load() || !vq.EnableNotify() {
-			return drainIdle
-		}
-	}
-}
-
-// serveInline serves a lone request (nothing else in flight: queue depth
-// 1) on the worker itself, which saves waking another thread for a new
-// goroutine and puts the completion before the worker's own bookkeeping.
-// If the request outlasts inlineHandoff, a new worker takes over the ring
-// and serveInline returns false: the caller is then no longer the worker.
-func (q *queue) serveInline(vq *virtq.Queue, c *virtq.Chain, kick *os.File) bool {
-	var state atomic.Int32 // 0 serving, 1 done, 2 handed off
-	t := time.AfterFunc(inlineHandoff, func() {
-		if state.CompareAndSwap(0, 2) {
-			go q.loop(vq, kick)
-		}
-	})
-	q.serve(vq, c)
-	t.Stop()
-	return state.CompareAndSwap(0, 1)
-}
-
-func (q *queue) spawn(vq *virtq.Queue, c *virtq.Chain) {
-	q.active.Add(1)
-	go func() {
-		q.serve(vq, c)
-		q.active.Add(-1)
-	}()
-}
-
-func (q *queue) serve(vq *virtq.Queue, c *virtq.Chain) {
-	written := q.s.dev.Handle(q.idx, c)
-	if vq.Push(c, written) {
-		q.signal()
-	}
-	q.chains.Put(c)
-	q.reqs.Done()
+	q.vq, q.ring = nil, nil
 }
 
 // broken stops serving a ring whose driver broke the ring's rules. The

@@ -121,6 +121,10 @@ func FuzzServerMessages(f *testing.F) {
 	unix.Ftruncate(memfd, 1<<16)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		c := dialConn(t, sock)
+		// The replies are not read: once they fill the socket the server
+		// stops reading, and a write without a deadline would wait for
+		// ever.
+		c.UnixConn().SetWriteDeadline(time.Now().Add(2 * time.Second))
 		for len(in) >= 2 {
 			req, n := Request(in[0]), int(in[1])
 			in = in[2:]

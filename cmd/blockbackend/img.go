@@ -3,13 +3,10 @@ package main
 import (
 	"os"
 
-	"blockbackend/drivers/qcow"
 	"blockbackend/img"
 )
 
-// runImg is `blockbackend img ...`: the qemu-img-shaped image tool. Only
-// the tool opens legacy AES qcow images (to convert them).
+// runImg is `blockbackend img ...`: the qemu-img-shaped image tool.
 func runImg(args []string) int {
-	qcow.ImageTool.Store(true)
 	return img.Main(args, os.Stdout, os.Stderr)
 }

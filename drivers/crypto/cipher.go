@@ -33,10 +33,11 @@ const (
 	CAST5128   CipherAlg = "cast5-128"
 )
 
-// EnumValues lists QEMU's values (for the options decoder).
+// EnumValues lists QEMU 7.2's values (for the options decoder; sm4 came
+// later).
 func (CipherAlg) EnumValues() []string {
 	return []string{"aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128",
-		"serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256", "sm4"}
+		"serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"}
 }
 
 // cipherFamily is one block cipher and its key sizes.

@@ -357,7 +357,7 @@ func slotLayout(keyBytes uint32) (offsets [NumKeySlots]uint32, payload uint32) {
 // QEMU's messages.
 func CheckParams(p Params) error {
 	if !p.Cipher.Supported() {
-		return &UnsupportedError{fmt.Sprintf("Cipher algorithm '%s' not supported", p.Cipher)}
+		return &UnsupportedError{fmt.Sprintf("Algorithm '%s' not supported", p.Cipher)}
 	}
 	if !p.Hash.Supported() {
 		return &UnsupportedError{fmt.Sprintf("Hash algorithm '%s' not supported", p.Hash)}

@@ -37,11 +37,14 @@ func (n *node) Amend(ctx context.Context, o any, force bool) error {
 	opts := o.(*AmendOptions)
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if n.mk == nil {
+		return graph.ErrNoIO
+	}
 	if opts.Keyslot != nil && (*opts.Keyslot < 0 || *opts.Keyslot >= crypto.NumKeySlots) {
 		return qapi.Errorf(qapi.GenericError, "Invalid keyslot %d specified, must be between 0 and %d", *opts.Keyslot, crypto.NumKeySlots-1)
 	}
-	// A working copy: the in-memory header changes only once the disk
-	// has.
+	// A working copy: the header in memory changes only when one is on
+	// disk (writeHeader), so a failure at any step leaves the two alike.
 	h := *n.hdr
 	read, write := readFunc(ctx, n.file), writeFunc(ctx, n.file)
 	if opts.Secret != "" {
@@ -89,23 +92,39 @@ func (n *node) Amend(ctx context.Context, o any, force bool) error {
 			return err
 		}
 		defer clear(pass)
+		// Compute the new slot (PBKDF2, split, encrypt) in the copy
+		// first, its key material held back: a failure there changes
+		// nothing on disk or in memory.
+		var material []byte
+		var materialOff int64
+		newH := h
+		if err := newH.SetKeySlot(slot, n.mk, pass, it, func(p []byte, off int64) error {
+			material, materialOff = append([]byte(nil), p...), off
+			return nil
+		}); err != nil {
+			return qapi.Errorf(qapi.GenericError, "%s", err.Error())
+		}
+		defer clear(material)
 		if h.Slots[slot].Active {
-			// force: take the slot away first, so that a crash in
-			// the middle leaves it inactive rather than garbled.
+			// force: take the slot away first, so that a crash while
+			// its material is overwritten leaves it inactive rather
+			// than active and garbled. From here on, each header on
+			// disk becomes the one in memory as soon as it is written.
 			h.Slots[slot].Active = false
 			if err := n.writeHeader(ctx, &h); err != nil {
 				return err
 			}
 		}
-		if err := h.SetKeySlot(slot, n.mk, pass, it, write); err != nil {
-			return qapi.Errorf(qapi.GenericError, "%s", err.Error())
+		if err := write(material, materialOff); err != nil {
+			return err
 		}
 		if err := n.file.Flush(ctx); err != nil {
 			return err
 		}
-		if err := n.writeHeader(ctx, &h); err != nil {
+		if err := n.writeHeader(ctx, &newH); err != nil {
 			return err
 		}
+		h = newH
 	case "inactive":
 		if opts.Keyslot == nil && opts.OldSecret == "" {
 			return qapi.Errorf(qapi.GenericError, "To erase keyslot(s), either explicit keyslot index or the password currently contained in them must be given")
@@ -170,14 +189,20 @@ func (n *node) Amend(ctx context.Context, o any, force bool) error {
 	default:
 		return qapi.Errorf(qapi.GenericError, "Parameter 'state' does not accept value '%s'", opts.State)
 	}
-	*n.hdr = h
-	return n.file.Flush(ctx)
+	return nil
 }
 
+// writeHeader writes h and flushes it. Once the write has succeeded, h
+// is what the file reads back, so it becomes the header in memory too,
+// even if the flush then fails: after a failure at any step of an amend
+// memory and file agree. A failed write leaves memory as it was (and the
+// file, unless the storage wrote part of the header before failing).
+// n.mu is held.
 func (n *node) writeHeader(ctx context.Context, h *crypto.Header) error {
 	if err := n.file.WriteAt(ctx, h.Marshal(), 0, 0); err != nil {
 		return err
 	}
+	*n.hdr = *h
 	return n.file.Flush(ctx)
 }
 

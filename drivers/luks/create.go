@@ -91,10 +91,11 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 	if opts.KeySecret == "" {
 		return qapi.Errorf(qapi.GenericError, "Parameter 'key-secret' is required for cipher")
 	}
-	f, err := cc.LookupNode(opts.File.Ref)
+	f, release, err := cc.OpenRef(ctx, &opts.File, "file")
 	if err != nil {
 		return err
 	}
+	defer release()
 	pass, err := cc.Secret(opts.KeySecret)
 	if err != nil {
 		return err

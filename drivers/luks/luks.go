@@ -57,14 +57,16 @@ type node struct {
 
 	mu     sync.Mutex // guards hdr and mk (amend changes them; I/O does not read them)
 	hdr    *crypto.Header
-	mk     []byte // the master key, kept for amend; cleared on Close
-	cipher *crypto.SectorCipher
+	mk     []byte               // the master key, kept for amend; cleared on Close
+	cipher *crypto.SectorCipher // nil when opened with graph's NoIO
 
 	secrets func(id string) ([]byte, error) // the graph's secret objects, for amend
 
-	// rmw serialises read-modify-write of partial sectors: two writes
-	// into different bytes of one sector must not lose each other.
-	rmw [64]sync.Mutex
+	// writes serialises every write against a read-modify-write of a
+	// sector it overlaps (see rangeLock); rmwHook, when set by a test,
+	// runs between the read and the write of an RMW.
+	writes  rangeLock
+	rmwHook func()
 }
 
 func readFunc(ctx context.Context, f *graph.Node) crypto.ReadFunc {
@@ -107,6 +109,15 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	h, err := readHeader(ctx, f)
 	if err != nil {
 		return nil, err
+	}
+	if oc.NoIO() {
+		// Metadata only (img info): QEMU neither needs nor checks the
+		// key then, so neither do we; data I/O gets graph.ErrNoIO.
+		n := &node{file: f, payload: int64(h.PayloadOffset) * sectorSize, hdr: h}
+		if f.SizeNow() < n.payload {
+			return nil, fmt.Errorf("Could not refresh total sector count: %w", syscall.EIO)
+		}
+		return n, nil
 	}
 	if opts.KeySecret == "" {
 		return nil, qapi.Errorf(qapi.GenericError, "Parameter 'key-secret' is required for cipher")
@@ -179,6 +190,9 @@ const chunk = 1 << 20
 var bufPool = sync.Pool{New: func() any { b := make([]byte, chunk+2*sectorSize); return &b }}
 
 func (n *node) ReadV(ctx context.Context, off int64, iov [][]byte) error {
+	if n.cipher == nil {
+		return graph.ErrNoIO
+	}
 	total := int64(0)
 	for _, b := range iov {
 		total += int64(len(b))
@@ -213,6 +227,9 @@ func (n *node) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 }
 
 func (n *node) WriteV(ctx context.Context, off int64, iov [][]byte, flags graph.WriteFlags) error {
+	if n.cipher == nil {
+		return graph.ErrNoIO
+	}
 	total := int64(0)
 	for _, b := range iov {
 		total += int64(len(b))
@@ -240,34 +257,24 @@ func (n *node) writeChunk(ctx context.Context, buf []byte, start, pos, l int64, 
 	end := start + int64(len(buf))
 	headPartial := pos != start
 	tailPartial := pos+l != end
-	if headPartial || tailPartial {
-		// Lock the partial sectors (in order, to avoid deadlock).
-		locks := []*sync.Mutex{n.rmwLock(start)}
-		if last := n.rmwLock(end - sectorSize); last != locks[0] {
-			if start/sectorSize%int64(len(n.rmw)) > (end-sectorSize)/sectorSize%int64(len(n.rmw)) {
-				locks = []*sync.Mutex{last, locks[0]}
-			} else {
-				locks = append(locks, last)
-			}
+	rmw := headPartial || tailPartial
+	r, err := n.writes.lock(ctx, start/sectorSize, end/sectorSize, rmw)
+	if err != nil {
+		return err
+	}
+	defer n.writes.unlock(r)
+	if headPartial {
+		if err := n.readSector(ctx, buf[:sectorSize], start); err != nil {
+			return err
 		}
-		for _, m := range locks {
-			m.Lock()
+	}
+	if tailPartial && (!headPartial || end-start > sectorSize) {
+		if err := n.readSector(ctx, buf[len(buf)-sectorSize:], end-sectorSize); err != nil {
+			return err
 		}
-		defer func() {
-			for _, m := range locks {
-				m.Unlock()
-			}
-		}()
-		if headPartial {
-			if err := n.readSector(ctx, buf[:sectorSize], start); err != nil {
-				return err
-			}
-		}
-		if tailPartial && (!headPartial || end-start > sectorSize) {
-			if err := n.readSector(ctx, buf[len(buf)-sectorSize:], end-sectorSize); err != nil {
-				return err
-			}
-		}
+	}
+	if rmw && n.rmwHook != nil {
+		n.rmwHook()
 	}
 	dst := buf[pos-start : pos-start+l]
 	for len(dst) > 0 {
@@ -284,10 +291,6 @@ func (n *node) writeChunk(ctx context.Context, buf []byte, start, pos, l int64, 
 	return n.writeFile(ctx, buf, start, flags)
 }
 
-func (n *node) rmwLock(off int64) *sync.Mutex {
-	return &n.rmw[off/sectorSize%int64(len(n.rmw))]
-}
-
 func (n *node) readSector(ctx context.Context, b []byte, off int64) error {
 	if err := n.readFile(ctx, b, off); err != nil {
 		return err
@@ -301,6 +304,9 @@ func (n *node) Flush(ctx context.Context) error { return n.file.Flush(ctx) }
 // that rounded up to whole sectors, as in QEMU); the new part reads as
 // whatever the file holds there decrypted, as in QEMU: not zeros.
 func (n *node) Truncate(ctx context.Context, size int64, exact bool, prealloc string) error {
+	if n.cipher == nil {
+		return graph.ErrNoIO
+	}
 	return n.file.Truncate(ctx, n.payload+size, exact, prealloc)
 }
 

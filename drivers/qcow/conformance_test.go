@@ -32,6 +32,7 @@ func TestConformance(t *testing.T) {
 			}
 			open := func(t *testing.T, g *graph.Graph, size int64) *graph.Node {
 				if tc.enc {
+					g.ImageTool = true
 					if err := g.Objects.Add(map[string]any{"qom-type": "secret", "id": "s0", "data": "abc"}, qapi.JSON); err != nil {
 						t.Fatal(err)
 					}

@@ -102,11 +102,15 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 		return e("'file' must name an existing block node for blockdev-create")
 	}
 	h := &Header{Version: 1, Size: uint64(opts.Size), ClusterBits: 12, L2Bits: 9}
+	file, err := cc.LookupNode(opts.File.Ref)
+	if err != nil {
+		return err
+	}
 	if opts.Encrypt != nil {
 		if opts.Encrypt.Format != "qcow" {
 			return e("Unsupported encryption format")
 		}
-		if err := refuseCreate(cc); err != nil {
+		if err := refuseCreate(cc, file.Name()); err != nil {
 			return err
 		}
 		if opts.Encrypt.KeySecret == "" {
@@ -127,10 +131,6 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 	}
 	if len(opts.BackingFile) > MaxBackingFileSize {
 		return e("Backing file name too long")
-	}
-	file, err := cc.LookupNode(opts.File.Ref)
-	if err != nil {
-		return err
 	}
 	off := int64(HeaderSize)
 	if opts.BackingFile != "" {

@@ -73,6 +73,7 @@ func fuzzOne(t *testing.T, b []byte) {
 		drivertest.NewFile(name, int64(len(b)))
 		defer drivertest.RemoveFile(name)
 		g := graph.New(nil)
+		g.ImageTool = true
 		defer g.Close()
 		_ = g.Objects.Add(map[string]any{"qom-type": "secret", "id": "s0", "data": "abc"}, qapi.JSON)
 		fn, err := g.Add(ctx, map[string]any{"driver": drivertest.DriverName, "filename": name, "node-name": "f"}, qapi.JSON)

@@ -41,10 +41,11 @@ func qemu(t testing.TB, name string, args ...string) string {
 	return out.String()
 }
 
-// newGraph is a graph with the secret s0 = "abc".
+// newGraph is an image tool's graph with the secret s0 = "abc".
 func newGraph(t testing.TB) *graph.Graph {
 	t.Helper()
 	g := graph.New(nil)
+	g.ImageTool = true // AES images open in the image tool only
 	if err := g.Objects.Add(map[string]any{"qom-type": "secret", "id": "s0", "data": "abc"}, qapi.JSON); err != nil {
 		t.Fatal(err)
 	}

@@ -168,14 +168,16 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 }
 
 // setupCipher makes the sector cipher of an AES image from its
-// passphrase (encrypt.key-secret), after the daemon's refusal.
+// passphrase (encrypt.key-secret), after the daemon's refusal. Opened for
+// metadata only (img info: OpenContext.NoIO) it needs no key, and data
+// I/O then fails with graph.ErrNoIO.
 func (img *image) setupCipher(oc *graph.OpenContext, enc *Encryption) error {
 	if img.hdr.CryptMethod != CryptNone {
 		if err := refuseOpen(oc); err != nil {
 			return err
 		}
 	}
-	c, keyErr, err := img.cipherFor(enc, oc.ReadOnly())
+	c, keyErr, err := img.cipherFor(enc, oc.NoIO())
 	if err != nil {
 		return err
 	}
@@ -184,10 +186,9 @@ func (img *image) setupCipher(oc *graph.OpenContext, enc *Encryption) error {
 }
 
 // cipherFor checks the encrypt options against the header and returns
-// the cipher (nil for a plain image). An AES image opened read-only
-// without its key gets keyErr instead: what qemu-img info needs (the
-// metadata is not encrypted); its guest data cannot be read.
-func (img *image) cipherFor(enc *Encryption, readOnly bool) (c *crypto.SectorCipher, keyErr, err error) {
+// the cipher (nil for a plain image). An AES image opened for metadata
+// only (noIO) without its key gets keyErr instead.
+func (img *image) cipherFor(enc *Encryption, noIO bool) (c *crypto.SectorCipher, keyErr, err error) {
 	if img.hdr.CryptMethod == CryptNone {
 		if enc != nil && enc.Format != "" {
 			return nil, nil, qapi.Errorf(qapi.GenericError, "No encryption in image header, but options specified format '%s'", enc.Format)
@@ -198,11 +199,10 @@ func (img *image) cipherFor(enc *Encryption, readOnly bool) (c *crypto.SectorCip
 		return nil, nil, qapi.Errorf(qapi.GenericError, "Header reported 'aes' encryption format but options specify '%s'", enc.Format)
 	}
 	if enc == nil || enc.KeySecret == "" {
-		missing := qapi.Errorf(qapi.GenericError, "Parameter 'encrypt.key-secret' is required for cipher")
-		if !readOnly {
-			return nil, nil, missing
+		if !noIO {
+			return nil, nil, qapi.Errorf(qapi.GenericError, "Parameter 'encrypt.key-secret' is required for cipher")
 		}
-		return nil, missing, nil
+		return nil, graph.ErrNoIO, nil
 	}
 	pass, err := img.secrets(enc.KeySecret)
 	if err != nil {

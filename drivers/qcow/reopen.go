@@ -11,7 +11,7 @@ var _ graph.Reopener = (*image)(nil)
 
 // PrepareReopen changes read-only. The key given at open stays (the
 // graph does not reopen with a changed encrypt); an AES image opened
-// read-only without its key cannot become writable. Nothing is cached
+// for metadata only, without its key, cannot become writable. Nothing is cached
 // that a switch to read-only must write back: every table update is
 // written through.
 func (img *image) PrepareReopen(ctx context.Context, o any, readOnly bool) (func(), func(), error) {
@@ -22,7 +22,7 @@ func (img *image) PrepareReopen(ctx context.Context, o any, readOnly bool) (func
 		if err != nil {
 			return nil, nil, err
 		}
-		if c, keyErr, err = img.cipherFor(enc, readOnly); err != nil {
+		if c, keyErr, err = img.cipherFor(enc, false); err != nil {
 			return nil, nil, err
 		}
 	}

@@ -3,8 +3,8 @@ package qcow2
 // img amend for qcow2: the options QEMU 7.2 lets qemu-img amend change
 // (qemu-img amend -o help -f qcow2): compat, lazy_refcounts,
 // refcount_bits, size, backing_file/backing_fmt (refused: that is
-// rebase's job), data_file, data_file_raw. encrypt.* belongs to the
-// encryption issue and is not accepted here.
+// rebase's job), data_file, data_file_raw; and encrypt.* (LUKS key slots,
+// on the open image: cryptamend.go).
 //
 // Like check and snapshots, amend works on the image file with the node
 // quiesced; each change is ordered so that a crash leaves at worst leaked
@@ -30,6 +30,8 @@ type AmendOptions struct {
 	BackingFmt    *string    `qapi:"backing-fmt,optional"`
 	DataFile      *string    `qapi:"data-file,optional"`
 	DataFileRaw   *bool      `qapi:"data-file-raw,optional"`
+	// Encrypt changes LUKS key slots (cryptamend.go).
+	Encrypt *EncryptAmendOptions `qapi:"encrypt,optional"`
 }
 
 // newAmendOptions is Driver.NewAmendOptions.

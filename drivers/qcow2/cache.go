@@ -184,3 +184,9 @@ func (c *tableCache) dropClean() {
 
 // dirty reports whether any entry waits for write-back.
 func (c *tableCache) dirty() bool { return c.ndirty > 0 }
+
+// has reports whether the table at off is cached (a get would do no I/O).
+func (c *tableCache) has(off int64) bool {
+	_, ok := c.m[off]
+	return ok
+}

@@ -18,7 +18,11 @@ import (
 const deflateWindow = 4096
 
 var zstdEncoders = sync.Pool{New: func() any {
-	e, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false))
+	// Entropy-coding all literals keeps data with few repeats but a
+	// skewed alphabet (text, base64) from being stored raw: without it
+	// such clusters came out uncompressed where QEMU's zstd shrinks them.
+	e, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false),
+		zstd.WithAllLitEntropyCompression(true))
 	if err != nil {
 		return nil
 	}
@@ -32,18 +36,23 @@ func (img *image) compress(data []byte) ([]byte, error) {
 	var out []byte
 	switch img.compression {
 	case CompressionZlib:
-		var buf bytes.Buffer
-		w, err := flate.NewWriterWindow(&buf, deflateWindow)
-		if err != nil {
+		var err error
+		if out, err = deflate(data, false); err != nil {
 			return nil, err
 		}
-		if _, err := w.Write(data); err != nil {
-			return nil, err
+		if int64(len(out)) > img.cs*7/8 {
+			// The 4 KiB-window compressor gives up on data with few
+			// repeats but a skewed alphabet (text, base64), storing it;
+			// Huffman coding alone still shrinks such data, as QEMU's
+			// zlib does (its default level tries both).
+			h, err := deflate(data, true)
+			if err != nil {
+				return nil, err
+			}
+			if len(h) < len(out) {
+				out = h
+			}
 		}
-		if err := w.Close(); err != nil {
-			return nil, err
-		}
-		out = buf.Bytes()
 	case CompressionZstd:
 		e, _ := zstdEncoders.Get().(*zstd.Encoder)
 		if e == nil {
@@ -60,6 +69,29 @@ func (img *image) compress(data []byte) ([]byte, error) {
 	return out, nil
 }
 
+// deflate compresses data as raw deflate whose back-references stay
+// within QEMU's 4 KiB window; huffman uses no back-references at all.
+func deflate(data []byte, huffman bool) ([]byte, error) {
+	var buf bytes.Buffer
+	var w *flate.Writer
+	var err error
+	if huffman {
+		w, err = flate.NewWriter(&buf, flate.HuffmanOnly)
+	} else {
+		w, err = flate.NewWriterWindow(&buf, deflateWindow)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if _, err := w.Write(data); err != nil {
+		return nil, err
+	}
+	if err := w.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
 // WriteCompressed writes one whole guest cluster compressed (img convert
 // -c). off is cluster aligned; data is a cluster, or less for the last
 // cluster of the image (the rest reads as zeros). Data that does not
@@ -70,6 +102,9 @@ func (img *image) WriteCompressed(ctx context.Context, off int64, data []byte) e
 	}
 	if img.extData {
 		return fmt.Errorf("Compression is not supported with an external data file: %w", graph.ErrNotSupported)
+	}
+	if err := img.cryptRefusesCompression(); err != nil {
+		return err
 	}
 	full := data
 	if int64(len(data)) < img.cs {
@@ -149,16 +184,37 @@ func (img *image) WriteCompressed(ctx context.Context, off int64, data []byte) e
 	return nil
 }
 
-// allocBytesLocked finds room for n bytes of compressed data: in the
-// cluster the last compressed write left room in (one more reference to
-// it), or at the start of newly allocated clusters.
+// allocBytesLocked finds room for n bytes of compressed data right after
+// the last compressed write: in the rest of its cluster (one more
+// reference to it) and, when the data runs over, in the clusters that
+// follow if they are free (compressed data may cross host cluster
+// boundaries, so that images pack as tightly as QEMU's). Otherwise it
+// starts at newly allocated clusters.
 func (img *image) allocBytesLocked(ctx context.Context, n int64) (int64, error) {
-	if cur := img.compCursor; cur != 0 && cur%img.cs+n <= img.cs {
-		rc, err := img.refcountLocked(ctx, cur/img.cs)
+	if cur := img.compCursor; cur != 0 {
+		first := cur / img.cs
+		last := (cur + n - 1) / img.cs
+		rc, err := img.refcountLocked(ctx, first)
 		if err != nil {
 			return 0, err
 		}
-		if rc > 0 && rc < img.geo.MaxRefcount() {
+		ok := rc > 0 && rc < img.geo.MaxRefcount()
+		for k := first + 1; ok && k <= last; k++ {
+			free, err := img.freeClusterLocked(ctx, k)
+			if err != nil {
+				return 0, err
+			}
+			ok = free
+		}
+		if ok {
+			if last > first {
+				if err := img.takeLocked(ctx, first+1, last-first); err != nil {
+					return 0, err
+				}
+				if img.freeHint == first+1 {
+					img.freeHint = last + 1
+				}
+			}
 			if err := img.addRefLocked(ctx, cur, 1, +1); err != nil {
 				return 0, err
 			}

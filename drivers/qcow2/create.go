@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/bits"
 
+	"blockbackend/drivers/crypto"
 	"blockbackend/graph"
 	"blockbackend/qmp/qapi"
 )
@@ -14,24 +15,38 @@ import (
 // (blockdev-create driver=qcow2, img create).
 func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 	opts := o.(*CreateOptions)
-	file, err := createRef(cc, &opts.File, "file")
+	file, release, err := cc.OpenRef(ctx, &opts.File, "file")
 	if err != nil {
 		return err
 	}
+	defer release()
 	var data *graph.Node
 	if opts.DataFile != nil && opts.DataFile.Present() {
-		if data, err = createRef(cc, opts.DataFile, "data-file"); err != nil {
+		var releaseData func()
+		if data, releaseData, err = cc.OpenRef(ctx, opts.DataFile, "data-file"); err != nil {
 			return err
 		}
+		defer releaseData()
 	}
-	return format(ctx, cc.Logger(), file, data, opts)
-}
-
-func createRef(cc *graph.CreateContext, ref *graph.ChildRef, name string) (*graph.Node, error) {
-	if ref.Null || ref.Options != nil {
-		return nil, qapi.Errorf(qapi.GenericError, "'%s' must name an existing block node for blockdev-create", name)
+	if opts.Encrypt != nil {
+		// Refuse before anything is written: the options, the legacy
+		// AES refusal and the secret.
+		if err := validateCreate(opts, data != nil); err != nil {
+			return err
+		}
+		if err := validateEncrypt(opts.Encrypt, cc.ImageTool()); err != nil {
+			return err
+		}
+		if opts.Encrypt.Format == "qcow" && !cc.ImageTool() {
+			return crypto.LegacyAESRefusal("qcow2", file.Name())
+		}
+		pass, err := cc.Secret(opts.Encrypt.KeySecret)
+		if err != nil {
+			return err
+		}
+		clear(pass)
 	}
-	return cc.LookupNode(ref.Ref)
+	return formatWith(ctx, cc.Logger(), file, data, opts, cc)
 }
 
 // validateCreate checks the options with QEMU's messages.
@@ -41,8 +56,8 @@ func validateCreate(o *CreateOptions, hasData bool) error {
 	if cs < 512 || cs > 2<<20 || cs&(cs-1) != 0 {
 		return e("Cluster size must be a power of two between 512 and 2048k")
 	}
-	if o.Encrypt != nil {
-		return e("qcow2 encryption (encrypt.*) is not built into blockbackend yet")
+	if o.Encrypt != nil && hasData {
+		return e("data-file cannot be used with encryption")
 	}
 	if o.Size%512 != 0 {
 		return e("Image size must be a multiple of 512 bytes")
@@ -91,8 +106,16 @@ func validateCreate(o *CreateOptions, hasData bool) error {
 // qemu-img does; then the L1 table is sized through the same code that
 // resizes an open image, and preallocation runs through it too.
 func format(ctx context.Context, log *slog.Logger, file, data *graph.Node, o *CreateOptions) error {
+	return formatWith(ctx, log, file, data, o, nil)
+}
+
+// formatWith is format; cc (with its secrets) is needed for encryption.
+func formatWith(ctx context.Context, log *slog.Logger, file, data *graph.Node, o *CreateOptions, cc *graph.CreateContext) error {
 	if err := validateCreate(o, data != nil); err != nil {
 		return err
+	}
+	if o.Encrypt != nil && cc == nil {
+		return qapi.Errorf(qapi.GenericError, "qcow2: encryption needs the create context's secrets")
 	}
 	size := int64(o.Size)
 	cs := int64(o.ClusterSize)
@@ -189,6 +212,10 @@ func format(ctx context.Context, log *slog.Logger, file, data *graph.Node, o *Cr
 	img.freeHint = 3
 	img.meta.Lock()
 	err := img.resizeLocked(ctx, 0, size)
+	if err == nil && o.Encrypt != nil {
+		// After the L1 table, as qemu-img lays it out.
+		err = img.setUpEncryptionLocked(ctx, cc, o.Encrypt)
+	}
 	img.meta.Unlock()
 	if err != nil {
 		return err

@@ -9,7 +9,10 @@
 // driver: versions 2 and 3, cluster sizes 512 B – 2 MiB, refcount widths
 // 1–64 bits, zero clusters, compressed clusters (deflate and zstd), extended
 // L2 entries with subclusters, external data files (raw or not), backing
-// chains, lazy refcounts with the dirty bit, and the corrupt bit.
+// chains, lazy refcounts with the dirty bit, the corrupt bit, persistent
+// dirty bitmaps (bitmaps.go: loaded into the graph's bitmaps, stored back
+// on close), and encryption (LUKS, and legacy AES for the image tool
+// only: crypt.go).
 //
 // # Requests and locks
 //
@@ -20,7 +23,11 @@
 // and never across guest data I/O:
 //
 //   - a read looks up one extent under meta, drops it and reads the data
-//     (from the file or data-file child, the backing node, or zeros);
+//     (from the file or data-file child, the backing node, or zeros); a
+//     read of a range that no L2 table maps, without a backing node, is
+//     decided on the L1 table alone with meta held shared (an RWMutex,
+//     taken shared nowhere else), and reads of zeros need no place in
+//     the free quarantine, as they read no host cluster;
 //   - a write to clusters that are allocated and owned (COPIED) looks them
 //     up under meta and writes in place;
 //   - a write that needs allocation (unallocated, zero, compressed or
@@ -35,7 +42,8 @@
 //
 // Lock order: image.resize (shared by every request, exclusive for
 // truncate and for the offline operations) → image.meta → image.dcMu
-// (the small cache of inflated compressed clusters, also taken alone).
+// (the small cache of inflated compressed clusters, also taken alone);
+// the graph's bitmap locks come after image.meta.
 // Nothing is locked while waiting for an in-flight allocation. Requests
 // on children (file, data-file, backing) take those nodes' own locks
 // below ours.

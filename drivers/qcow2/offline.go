@@ -12,6 +12,7 @@ import (
 	"math/bits"
 	"syscall"
 
+	"blockbackend/drivers/crypto"
 	"blockbackend/graph"
 	"blockbackend/qmp/qapi"
 )
@@ -107,7 +108,7 @@ func (img *image) reloadLocked(ctx context.Context) error {
 	img.headerDone = false
 	img.freeHint = 0
 	img.compCursor = 0
-	return nil
+	return img.reloadBitmapsLocked(ctx)
 }
 
 // Check is graph.Checker: qemu-img check [-r] on the image.
@@ -179,8 +180,14 @@ func (img *image) Amend(ctx context.Context, o any, force bool) error {
 	if _, err := validateAmend(&h, opts); err != nil {
 		return err
 	}
+	if opts.Encrypt != nil {
+		if err := img.amendCrypt(ctx, opts.Encrypt, force); err != nil {
+			return err
+		}
+	}
 	rest := *opts
 	rest.Size = nil
+	rest.Encrypt = nil
 	if err := img.offline(ctx, true, func(st Storage, h *Header) error {
 		// A downgrade comes last in QEMU too: size first when both.
 		return amendImage(ctx, st, h, &rest, force)
@@ -199,6 +206,12 @@ func (img *image) Amend(ctx context.Context, o any, force bool) error {
 // *CreateOptions (its size and file ignored).
 func measureImage(ctx context.Context, createOpts any, size int64, src *graph.Node) (graph.MeasureResult, error) {
 	o, ok := createOpts.(*CreateOptions)
+	if io, isImg := createOpts.(*ImageCreateOptions); isImg {
+		// qemu-img measure ignores encryption=on and checks only what a
+		// LUKS header needs.
+		c := io.CreateOptions
+		o, ok = &c, true
+	}
 	if !ok {
 		return graph.MeasureResult{}, fmt.Errorf("qcow2: create options of type %T", createOpts)
 	}
@@ -216,8 +229,15 @@ func measureImage(ctx context.Context, createOpts any, size int64, src *graph.No
 		return e("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
 	case o.ExtendedL2 && cs < 1<<MinClusterBitsExtL2:
 		return e("Extended L2 entries are only supported with cluster sizes of at least %d bytes", 1<<MinClusterBitsExtL2)
-	case o.Encrypt != nil:
-		return e("qcow2 encryption (encrypt.*) is not built into blockbackend yet")
+	}
+	// The LUKS header and key material take whole clusters.
+	var cryptoBytes int64
+	if e := o.Encrypt; e != nil && e.Format == "luks" {
+		if err := validateEncrypt(e, true); err != nil {
+			return graph.MeasureResult{}, err
+		}
+		p, _ := e.params()
+		cryptoBytes = (crypto.PayloadOffset(p) + cs - 1) / cs * cs
 	}
 	if size < 0 {
 		return graph.MeasureResult{}, qapi.Errorf(qapi.GenericError, "Invalid image size specified. Must be between 0 and 9223372036854775807.")
@@ -229,5 +249,10 @@ func measureImage(ctx context.Context, createOpts any, size int64, src *graph.No
 		prealloc:      string(o.Preallocation),
 		v3:            o.Version != "v2",
 	}
-	return p.measure(ctx, size, src)
+	res, err := p.measure(ctx, size, src)
+	if err == nil {
+		res.Required += cryptoBytes
+		res.FullyAllocated += cryptoBytes
+	}
+	return res, err
 }

@@ -270,6 +270,7 @@ func (img *image) BlockStatus(ctx context.Context, off, n int64) (graph.StatusEx
 	defer img.resize.RUnlock()
 	img.meta.Lock()
 	m, err := img.lookupLocked(ctx, off, n)
+	recurse := err == nil && m.kind == kindData && img.metaPreallocatedLocked(ctx)
 	img.meta.Unlock()
 	if err != nil {
 		return graph.StatusExtent{}, err
@@ -279,6 +280,10 @@ func (img *image) BlockStatus(ctx context.Context, off, n int64) (graph.StatusEx
 	case kindData:
 		ext.Status = graph.StatusData | graph.StatusAllocated
 		ext.Offset, ext.File = m.host, img.data
+		if recurse {
+			// Whether it reads as zeros is for the file to say.
+			ext.Status |= graph.StatusRecurse
+		}
 	case kindZero:
 		ext.Status = graph.StatusZero | graph.StatusAllocated
 		if m.zeroAlloc {
@@ -296,6 +301,12 @@ func (img *image) BlockStatus(ctx context.Context, off, n int64) (graph.StatusEx
 		if m.zeroAlloc {
 			ext.Offset, ext.File = m.host, img.data
 		}
+	}
+	if img.crypt != nil {
+		// As QEMU: encrypted data has no offset a reader could use, and
+		// zeros in the file are not zeros to the guest.
+		ext.Offset, ext.File = 0, nil
+		ext.Status &^= graph.StatusRecurse
 	}
 	return ext, nil
 }

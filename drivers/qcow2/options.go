@@ -65,8 +65,8 @@ type Options struct {
 	L2CacheEntrySize   *int64          `qapi:"l2-cache-entry-size,optional"`
 	RefcountCacheSize  *int64          `qapi:"refcount-cache-size,optional"`
 	CacheCleanInterval *int64          `qapi:"cache-clean-interval,optional"`
-	// Encrypt (BlockdevQcow2Encryption) is refused: encryption is a
-	// later issue.
+	// Encrypt is BlockdevQcow2Encryption (format, key-secret), decoded
+	// by parseOpenEncrypt (crypt.go).
 	Encrypt map[string]any `qapi:"encrypt,optional"`
 }
 
@@ -92,20 +92,20 @@ func (PreallocMode) EnumValues() []string { return []string{"off", "metadata", "
 type CreateOptions struct {
 	// File is the node to format; only a node name is accepted (the
 	// create job cannot open nested options).
-	File          graph.ChildRef  `qapi:"file"`
-	DataFile      *graph.ChildRef `qapi:"data-file,optional"`
-	DataFileRaw   bool            `qapi:"data-file-raw,optional"`
-	ExtendedL2    bool            `qapi:"extended-l2,optional"`
-	Size          qapi.Size       `qapi:"size"`
-	Version       Version         `qapi:"version,optional"`
-	BackingFile   string          `qapi:"backing-file,optional"`
-	BackingFmt    string          `qapi:"backing-fmt,optional"`
-	Encrypt       map[string]any  `qapi:"encrypt,optional"`
-	ClusterSize   qapi.Size       `qapi:"cluster-size,optional"`
-	Preallocation PreallocMode    `qapi:"preallocation,optional"`
-	LazyRefcounts bool            `qapi:"lazy-refcounts,optional"`
-	RefcountBits  int64           `qapi:"refcount-bits,optional"`
-	Compression   CompressionType `qapi:"compression-type,optional"`
+	File          graph.ChildRef        `qapi:"file"`
+	DataFile      *graph.ChildRef       `qapi:"data-file,optional"`
+	DataFileRaw   bool                  `qapi:"data-file-raw,optional"`
+	ExtendedL2    bool                  `qapi:"extended-l2,optional"`
+	Size          qapi.Size             `qapi:"size"`
+	Version       Version               `qapi:"version,optional"`
+	BackingFile   string                `qapi:"backing-file,optional"`
+	BackingFmt    string                `qapi:"backing-fmt,optional"`
+	Encrypt       *EncryptCreateOptions `qapi:"encrypt,optional"`
+	ClusterSize   qapi.Size             `qapi:"cluster-size,optional"`
+	Preallocation PreallocMode          `qapi:"preallocation,optional"`
+	LazyRefcounts bool                  `qapi:"lazy-refcounts,optional"`
+	RefcountBits  int64                 `qapi:"refcount-bits,optional"`
+	Compression   CompressionType       `qapi:"compression-type,optional"`
 }
 
 // newOptions has QEMU's defaults: on Linux cache-clean-interval is 600
@@ -126,9 +126,12 @@ func init() {
 		Open:             open,
 		NewCreateOptions: newCreateOptions,
 		Create:           create,
-		Probe:            probe,
-		NewAmendOptions:  newAmendOptions,
-		Measure:          measureImage,
+		// img create also takes qemu-img's encryption=on (crypt.go).
+		NewImageCreateOptions: newImageCreateOptions,
+		ImageCreate:           imageCreate,
+		Probe:                 probe,
+		NewAmendOptions:       newAmendOptions,
+		Measure:               measureImage,
 	})
 }
 
@@ -219,9 +222,6 @@ func boolOr(p *bool, def bool) bool {
 }
 
 func (o *Options) validate() error {
-	if o.Encrypt != nil {
-		return qapi.Errorf(qapi.GenericError, "qcow2 encryption (encrypt.*) is not built into blockbackend yet")
-	}
 	if o.CacheCleanInterval != nil && (*o.CacheCleanInterval < 0 || *o.CacheCleanInterval > 1<<31-1) {
 		return qapi.Errorf(qapi.GenericError, "Cache clean interval too big")
 	}

@@ -36,6 +36,7 @@ type image struct {
 	v3          bool // version 3: zero clusters exist
 	lazy        bool // lazy refcounts in effect
 	passDiscard [3]bool
+	crypt       *imageCrypt // nil: not encrypted (crypt.go)
 
 	// resize is held shared by every request and exclusively by truncate
 	// (and the offline metadata operations): see the package doc.
@@ -43,8 +44,10 @@ type image struct {
 
 	size atomic.Int64 // virtual size
 
-	// meta guards every field below.
-	meta sync.Mutex
+	// meta guards every field below. Only ReadV's check for an unmapped
+	// range (the L1 table alone) takes it shared: everything else, reads
+	// included (the caches change on every look-up), takes it exclusively.
+	meta sync.RWMutex
 	hdr  *Header
 	// l1 is the active L1 table; l1Dirty marks entries to write back.
 	l1      []uint64
@@ -74,6 +77,8 @@ type image struct {
 	// corruptSeen: corruption was reported on a read-only image; it only
 	// silences further reports.
 	corruptSeen bool
+	mp          metaPrealloc // see prealloc.go
+	bm          bitmapState  // persistent bitmaps (bitmaps.go)
 
 	// dcMu guards dc, the last inflated compressed clusters. Lock order:
 	// meta → dcMu (dcMu is also taken alone).
@@ -152,8 +157,8 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 		img.log = slog.New(slog.DiscardHandler)
 	}
 	img.size.Store(int64(h.Size))
-	if h.CryptMethod != CryptNone {
-		return nil, qapi.Errorf(qapi.GenericError, "qcow2 encryption is not built into blockbackend yet")
+	if err := img.openCrypt(ctx, oc, opts); err != nil {
+		return nil, err
 	}
 	if h.IncompatibleFeatures&IncompatCorrupt != 0 {
 		img.corrupt = true
@@ -230,6 +235,9 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	}
 
 	img.freeHint = 0
+	if err := img.loadBitmaps(ctx); err != nil {
+		return nil, err
+	}
 	if opts.CacheCleanInterval != nil && *opts.CacheCleanInterval > 0 {
 		img.stopClean = make(chan struct{})
 		go img.cleaner(time.Duration(*opts.CacheCleanInterval)*time.Second, img.stopClean)
@@ -320,6 +328,16 @@ func (img *image) openBacking(ctx context.Context, oc *graph.OpenContext, opts *
 		ref = &graph.ChildRef{Options: m, Mode: qapi.JSON}
 	} else if ref.Null {
 		return nil
+	} else if m := ref.Options; m != nil && m["driver"] == nil && img.hdr.BackingFile != "" && oc.ImageTool() {
+		// qemu-img's backing.* options without a driver (say
+		// backing.encrypt.key-secret for an encrypted backing file)
+		// add to the backing file the header names.
+		hm, err := img.backingOptions(img.hdr.BackingFile, img.hdr.BackingFormat)
+		if err != nil {
+			return err
+		}
+		qapi.Merge(hm, m)
+		ref = &graph.ChildRef{Options: hm, Mode: ref.Mode}
 	}
 	bc, err := oc.OpenChild(ctx, "backing", ref, graph.RoleBacking, true)
 	if err != nil {
@@ -387,8 +405,12 @@ func (img *image) Info() map[string]any {
 	img.meta.Lock()
 	h := img.hdr
 	corrupt := img.corrupt
+	bitmaps := img.bitmapInfoLocked()
 	img.meta.Unlock()
 	d := map[string]any{}
+	if bitmaps != nil {
+		d["bitmaps"] = bitmaps
+	}
 	if h.Version == 2 {
 		d["compat"] = "0.10"
 	} else {
@@ -408,6 +430,9 @@ func (img *image) Info() map[string]any {
 			d["data-file"] = h.DataFile
 		}
 		d["data-file-raw"] = h.DataFileRaw()
+	}
+	if e := img.encryptInfo(); e != nil {
+		d["encrypt"] = e
 	}
 	return map[string]any{"type": "qcow2", "data": d}
 }
@@ -437,6 +462,7 @@ func (img *image) Close() error {
 		if img.stopClean != nil {
 			close(img.stopClean)
 		}
+		defer img.closeCrypt()
 		if img.readOnly {
 			return
 		}
@@ -480,7 +506,7 @@ func (img *image) beginWriteLocked(ctx context.Context) error {
 		return nil
 	}
 	h := *img.hdr
-	h.AutoclearFeatures &= AutoclearDataFileRaw
+	h.AutoclearFeatures &= AutoclearDataFileRaw | img.bitmapsAutoclear()
 	if needDirty {
 		h.IncompatibleFeatures |= IncompatDirty
 	}

@@ -38,28 +38,38 @@ type mapping struct {
 // off, the index of that entry in the slice, and the slice's host offset.
 // A nil slice means the L2 table is unallocated.
 func (img *image) l2SliceLocked(ctx context.Context, off int64) ([]byte, int, int64, error) {
+	soff, idx, err := img.l2SliceAddrLocked(ctx, off)
+	if soff == 0 || err != nil {
+		return nil, 0, 0, err
+	}
+	s, err := img.l2c.get(ctx, soff)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	return s, idx, soff, nil
+}
+
+// l2SliceAddrLocked returns the host offset of the L2 slice holding the
+// entry of guest offset off (0: the L2 table is unallocated) and the index
+// of that entry in the slice.
+func (img *image) l2SliceAddrLocked(ctx context.Context, off int64) (int64, int, error) {
 	l1i := img.geo.L1Index(off)
 	if l1i >= uint64(len(img.l1)) {
-		return nil, 0, 0, nil
+		return 0, 0, nil
 	}
 	e := L1Entry(img.l1[l1i])
 	l2off := e.Offset()
 	if l2off == 0 {
-		return nil, 0, 0, nil
+		return 0, 0, nil
 	}
 	if l2off%img.cs != 0 || e.Reserved() {
-		return nil, 0, 0, img.corruptfLocked(ctx, "L2 table offset %#x unaligned (L1 index: %#x)", l2off, l1i)
+		return 0, 0, img.corruptfLocked(ctx, "L2 table offset %#x unaligned (L1 index: %#x)", l2off, l1i)
 	}
 	esz := img.geo.L2EntrySize()
 	perSlice := int(img.l2Slice / esz)
 	l2i := img.geo.L2Index(off)
 	sliceStart := l2i / perSlice * perSlice
-	soff := l2off + int64(sliceStart)*esz
-	s, err := img.l2c.get(ctx, soff)
-	if err != nil {
-		return nil, 0, 0, err
-	}
-	return s, l2i - sliceStart, soff, nil
+	return l2off + int64(sliceStart)*esz, l2i - sliceStart, nil
 }
 
 // lookupLocked maps the guest bytes [off, off+n) as far as they share one
@@ -163,8 +173,12 @@ func (img *image) classifyLocked(ctx context.Context, e L2Entry, p int64, i int)
 	return kindUnalloc, 0, false, nil
 }
 
-// iovSlice returns the part [start, start+n) of iov.
+// iovSlice returns the part [start, start+n) of iov: iov itself when
+// that is all of it (the common case, which then costs no allocation).
 func iovSlice(iov [][]byte, start, n int64) [][]byte {
+	if start == 0 && iovLen(iov) <= n {
+		return iov
+	}
 	var out [][]byte
 	for _, b := range iov {
 		if n == 0 {
@@ -209,33 +223,106 @@ func copyToIOV(iov [][]byte, src []byte) {
 // ReadV reads guest data: allocated clusters from the data child,
 // compressed ones decompressed, zero clusters as zeros, and unallocated
 // ones from the backing node (zeros past its end, or without one).
+//
+// Reads of zeros are the cheap case: a request whose range no L2 table
+// maps (an empty image) is checked first, on the L1 table alone, so that
+// this path stays short — an export's per-request goroutine then runs it
+// within its first stack, with no stack growth to pay.
 func (img *image) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 	img.resize.RLock()
 	defer img.resize.RUnlock()
+	total := iovLen(iov)
+	if img.backing == nil {
+		// Concurrent reads of an empty image do not even queue behind
+		// each other: the check only reads the L1 table, under meta
+		// shared.
+		img.meta.RLock()
+		unmapped := img.noL2Locked(off, total)
+		img.meta.RUnlock()
+		if unmapped {
+			zeroIOV(iov)
+			return nil
+		}
+	}
+	return img.readMapped(ctx, off, iov, total)
+}
+
+// readMapped is the rest of ReadV. The first mapping is looked up in the
+// same critical section that registers the request; a request that then
+// only reads zeros (zero clusters, unallocated ones without a backing
+// node) reads no host cluster, so it is served without a place in the
+// reuse quarantine of freed clusters.
+func (img *image) readMapped(ctx context.Context, off int64, iov [][]byte, total int64) error {
 	img.meta.Lock()
+	m, err := img.lookupLocked(ctx, off, total)
+	if err != nil {
+		img.meta.Unlock()
+		return err
+	}
+	if m.length == total && img.readsZeros(m) {
+		img.meta.Unlock()
+		zeroIOV(iov)
+		return nil
+	}
 	seq := img.startReqLocked()
 	img.meta.Unlock()
 	defer img.endReq(seq)
-	return img.readLocked(ctx, off, iov)
+	return img.readFrom(ctx, off, iov, total, m)
+}
+
+// noL2Locked reports whether no L2 table maps any of the guest bytes
+// [off, off+n): they are all unallocated.
+func (img *image) noL2Locked(off, n int64) bool {
+	if n <= 0 {
+		return true
+	}
+	for i := img.geo.L1Index(off); i <= img.geo.L1Index(off+n-1) && i < uint64(len(img.l1)); i++ {
+		if L1Entry(img.l1[i]).Offset() != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// readsZeros reports whether the guest bytes of m read as zeros without
+// any I/O.
+func (img *image) readsZeros(m mapping) bool {
+	return m.kind == kindZero || (m.kind == kindUnalloc && img.backing == nil)
 }
 
 // readLocked is ReadV with resize held (used by copy on write too).
 func (img *image) readLocked(ctx context.Context, off int64, iov [][]byte) error {
 	total := iovLen(iov)
-	for pos := int64(0); pos < total; {
+	img.meta.Lock()
+	m, err := img.lookupLocked(ctx, off, total)
+	img.meta.Unlock()
+	if err != nil {
+		return err
+	}
+	return img.readFrom(ctx, off, iov, total, m)
+}
+
+// readFrom reads the total bytes of iov at off, m being the mapping of
+// the first of them. A range that maps to contiguous host bytes is one
+// request on the child (lookupLocked merges clusters), and the guest's
+// buffers go down as they are when one mapping covers them all.
+func (img *image) readFrom(ctx context.Context, off int64, iov [][]byte, total int64, m mapping) error {
+	for pos := int64(0); ; {
+		if err := img.readMapping(ctx, off+pos, m, iovSlice(iov, pos, m.length)); err != nil {
+			return err
+		}
+		pos += m.length
+		if pos >= total {
+			return nil
+		}
+		var err error
 		img.meta.Lock()
-		m, err := img.lookupLocked(ctx, off+pos, total-pos)
+		m, err = img.lookupLocked(ctx, off+pos, total-pos)
 		img.meta.Unlock()
 		if err != nil {
 			return err
 		}
-		sub := iovSlice(iov, pos, m.length)
-		if err := img.readMapping(ctx, off+pos, m, sub); err != nil {
-			return err
-		}
-		pos += m.length
 	}
-	return nil
 }
 
 func (img *image) readMapping(ctx context.Context, off int64, m mapping, sub [][]byte) error {
@@ -245,7 +332,7 @@ func (img *image) readMapping(ctx context.Context, off int64, m mapping, sub [][
 	case kindUnalloc:
 		return img.readBacking(ctx, off, sub)
 	case kindData:
-		return readClamped(ctx, img.data, m.host, sub)
+		return img.readData(ctx, off, m.host, sub)
 	case kindCompressed:
 		buf, err := img.decompressed(ctx, m.entry)
 		if err != nil {

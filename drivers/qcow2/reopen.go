@@ -66,7 +66,13 @@ func (img *image) PrepareReopen(ctx context.Context, o any, readOnly bool) (func
 		if err := img.syncLocked(ctx, true); err != nil {
 			img.log.Error("qcow2: writing metadata back on reopen failed", "err", err)
 		}
+		wasRO := img.readOnly
 		img.readOnly = readOnly
+		if wasRO != readOnly {
+			if err := img.reopenBitmapsLocked(ctx, readOnly); err != nil {
+				img.log.Error("qcow2: marking the persistent dirty bitmaps in use failed", "err", err)
+			}
+		}
 		img.lazy = lazy
 		img.passDiscard = pass
 		if sizes.l2Entry != img.l2Slice || int(sizes.l2Bytes/sizes.l2Entry) != img.l2c.max {
@@ -87,6 +93,10 @@ func (img *image) PrepareReopen(ctx context.Context, o any, readOnly bool) (func
 // closeMetadataLocked writes everything back and clears the dirty bit, as
 // a clean close does.
 func (img *image) closeMetadataLocked(ctx context.Context) error {
+	if err := img.storeBitmapsLocked(ctx); err != nil {
+		// They stay in use on disk: inconsistent, never wrong.
+		img.log.Error("qcow2: storing the persistent dirty bitmaps failed", "err", err)
+	}
 	if err := img.syncLocked(ctx, true); err != nil {
 		return err
 	}

@@ -69,15 +69,17 @@ func (img *image) inPlaceOK(e L2Entry, a, b int64) bool {
 	return e.Entry&FlagZero == 0 || img.hdr.Version < 3
 }
 
-// planWriteLocked decides how to write a prefix of [off, off+n). It
-// returns an in-flight allocation to wait for when the first cluster is
-// being allocated by another request. Allocating plans are registered in
-// flight and must be finished with commitLocked or abortLocked.
-func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan, *inflightAlloc, error) {
+// planWriteLocked decides how to write a prefix of [off, off+n), in p
+// (which it resets). It returns an in-flight allocation to wait for when
+// the first cluster is being allocated by another request. Allocating
+// plans are registered in flight and must be finished with commitLocked
+// or abortLocked.
+func (img *image) planWriteLocked(ctx context.Context, off, n int64, p *writePlan) (*inflightAlloc, error) {
+	*p = writePlan{}
 	cs := img.cs
 	s, idx, _, err := img.l2SliceLocked(ctx, off)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	perSlice := int(img.l2Slice / img.geo.L2EntrySize())
 	if s == nil {
@@ -94,19 +96,19 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 	}
 	first := off / cs
 	if w := img.inflight[first]; w != nil {
-		return nil, w, nil
+		return w, nil
 	}
 	e0 := entry(idx)
 	a0 := off - first*cs
 	b0 := min(cs, a0+n)
 	if img.inPlaceOK(e0, a0, b0) {
 		if e0.Offset()%cs != 0 {
-			return nil, nil, img.corruptfLocked(ctx, "Cluster allocation offset %#x unaligned (guest offset: %#x)", e0.Offset(), first*cs)
+			return nil, img.corruptfLocked(ctx, "Cluster allocation offset %#x unaligned (guest offset: %#x)", e0.Offset(), first*cs)
 		}
 		if what := img.overlapLocked(e0.Offset()); what != "" {
-			return nil, nil, img.corruptfLocked(ctx, "Preventing invalid write on metadata (overlaps with %s)", what)
+			return nil, img.corruptfLocked(ctx, "Preventing invalid write on metadata (overlaps with %s)", what)
 		}
-		p := &writePlan{inPlace: true, host: e0.Offset() + a0, length: b0 - a0}
+		p.inPlace, p.host, p.length = true, e0.Offset()+a0, b0-a0
 		for i := idx + 1; i < perSlice && p.length < n; i++ {
 			g := off + p.length
 			e := entry(i)
@@ -120,9 +122,9 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		// only the subclusters it allocates, and reads past the end as
 		// zeros): the file grows before a write there.
 		if err := img.growFileLocked(ctx, img.data, p.host+p.length); err != nil {
-			return nil, nil, err
+			return nil, err
 		}
-		return p, nil, nil
+		return nil, nil
 	}
 
 	// Allocation. A cluster with an owned host cluster (extended L2 with
@@ -130,7 +132,6 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 	// an external data file every cluster's host offset is its guest
 	// offset; otherwise new clusters are allocated, contiguous.
 	keep := img.ownedHost(e0) || img.extData
-	p := &writePlan{}
 	for i := idx; i < perSlice && p.length < n; i++ {
 		g := off + p.length
 		c := g / cs
@@ -156,22 +157,22 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		host = p.clusters[0].guest
 		last := p.clusters[len(p.clusters)-1]
 		if err := img.growFileLocked(ctx, img.data, last.guest+img.cs); err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 	case keep:
 		host = e0.Offset()
 		if what := img.overlapLocked(host); what != "" {
-			return nil, nil, img.corruptfLocked(ctx, "Preventing invalid write on metadata (overlaps with %s)", what)
+			return nil, img.corruptfLocked(ctx, "Preventing invalid write on metadata (overlaps with %s)", what)
 		}
 		// As for in-place writes: the kept cluster may end past the file.
 		if err := img.growFileLocked(ctx, img.data, host+cs); err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 	default:
 		var got int64
 		host, got, p.virgin, err = img.allocRunVirginLocked(ctx, int64(len(p.clusters)))
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 		// Free space may be fragmented: the plan shrinks to the run.
 		if got < int64(len(p.clusters)) {
@@ -190,7 +191,7 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64) (*writePlan
 		img.fillPlan(cp, keep)
 		img.inflight[cp.guest/cs] = w
 	}
-	return p, nil, nil
+	return nil, nil
 }
 
 // fillPlan decides the new bitmap, which bytes of the host cluster are
@@ -284,9 +285,11 @@ func waitFor(ctx context.Context, w *inflightAlloc) error {
 // writeStep writes a prefix of iov at off and returns its length.
 func (img *image) writeStep(ctx context.Context, off int64, iov [][]byte, flags graph.WriteFlags) (int64, error) {
 	n := iovLen(iov)
+	var plan writePlan
+	p := &plan
 	for {
 		img.meta.Lock()
-		p, wait, err := img.planWriteLocked(ctx, off, n)
+		wait, err := img.planWriteLocked(ctx, off, n, p)
 		img.meta.Unlock()
 		if err != nil {
 			return 0, err
@@ -298,7 +301,7 @@ func (img *image) writeStep(ctx context.Context, off int64, iov [][]byte, flags 
 			continue
 		}
 		if p.inPlace {
-			return p.length, img.data.WriteV(ctx, p.host, iovSlice(iov, 0, p.length), flags&graph.WriteFUA)
+			return p.length, img.writeData(ctx, off, p.host, iovSlice(iov, 0, p.length), flags&graph.WriteFUA)
 		}
 		err = img.writeAllocated(ctx, p, iovSlice(iov, 0, p.length))
 		img.meta.Lock()
@@ -318,7 +321,11 @@ func (img *image) writeStep(ctx context.Context, off int64, iov [][]byte, flags 
 // data is read through the normal read path.
 func (img *image) writeAllocated(ctx context.Context, p *writePlan, data [][]byte) error {
 	firstC, lastC := &p.clusters[0], &p.clusters[len(p.clusters)-1]
-	// New clusters that read as zeros need no copy of zeros.
+	// New clusters that read as zeros need no copy of zeros (unless
+	// encrypted: zeros in the file are not encrypted zeros).
+	if img.crypt != nil {
+		p.virgin = false
+	}
 	if p.virgin && firstC.lo < firstC.a && img.readsZero(ctx, firstC.guest+firstC.lo, firstC.a-firstC.lo) {
 		firstC.lo = firstC.a
 	}
@@ -341,7 +348,7 @@ func (img *image) writeAllocated(ctx context.Context, p *writePlan, data [][]byt
 		}
 		out = append(out, tail)
 	}
-	return img.data.WriteV(ctx, firstC.host+firstC.lo, out, 0)
+	return img.writeData(ctx, firstC.guest+firstC.lo, firstC.host+firstC.lo, out, 0)
 }
 
 // commitLocked points the L2 entries at the written clusters and releases

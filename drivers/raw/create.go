@@ -32,13 +32,11 @@ const firstBlock = 4096
 
 func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 	opts := o.(*CreateOptions)
-	if opts.File.Ref == "" {
-		return qapi.Errorf(qapi.GenericError, "raw: creation needs the node name of a protocol node in 'file'")
-	}
-	n, err := cc.LookupNode(opts.File.Ref)
+	n, release, err := cc.OpenRef(ctx, &opts.File, "file")
 	if err != nil {
 		return err
 	}
+	defer release()
 	if opts.Size > 1<<63-1 {
 		return qapi.Errorf(qapi.GenericError, "Image size must be less than 8 EiB!")
 	}

@@ -263,5 +263,15 @@ func (b *backend) BlockStatus(ctx context.Context, off, n int64) (zero, data boo
 	if err != nil {
 		return false, false, 0, err
 	}
+	if ext.Status&graph.StatusRecurse != 0 && ext.Status&graph.StatusZero == 0 && ext.File != nil {
+		// The format asks its file whether the data there reads as
+		// zeros (a metadata-preallocated qcow2), as QEMU's server does.
+		if sub, err := ext.File.BlockStatus(ctx, ext.Offset, ext.Length); err == nil {
+			ext.Length = sub.Length
+			if sub.Status&graph.StatusZero != 0 {
+				ext.Status |= graph.StatusZero
+			}
+		}
+	}
 	return ext.Status&graph.StatusZero != 0, ext.Status&graph.StatusData != 0, ext.Length, nil
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	_ "blockbackend/drivers/file"
+	_ "blockbackend/drivers/qcow2"
 	"blockbackend/graph"
 	"blockbackend/qmp/qapi"
 	"blockbackend/vhostuser/virtq"
@@ -142,5 +143,54 @@ func TestHandleDiscardZeroesID(t *testing.T) {
 	}
 	if err := d.WriteConfig(32, []byte{0}); err != nil || d.writeback.Load() {
 		t.Fatalf("wce write: %v", err)
+	}
+}
+
+// TestHandleQuick: reads of an empty qcow2 range are served at once;
+// reads of data, of a raw file, of a status byte sharing the last data
+// buffer, and writes are left to Handle, with the chain untouched.
+func TestHandleQuick(t *testing.T) {
+	ctx := context.Background()
+	p := filepath.Join(t.TempDir(), "q.qcow2")
+	g := graph.New(nil)
+	if err := os.WriteFile(p, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Add(ctx, map[string]any{"driver": "file", "node-name": "f", "filename": p}, qapi.JSON); err != nil {
+		t.Fatal(err)
+	}
+	create, err := g.PrepareCreate(map[string]any{"driver": "qcow2", "file": "f", "size": 1 << 20}, qapi.JSON, "options")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := create(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n, err := g.Add(ctx, map[string]any{"driver": "qcow2", "node-name": "q", "file": "f"}, qapi.JSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WriteAt(ctx, bytes.Repeat([]byte{7}, 4096), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	d := NewDevice(ctx, n, Options{LogicalBlockSize: 512, NumQueues: 1, Writable: true}, slog.New(slog.DiscardHandler))
+	buf, status := bytes.Repeat([]byte{0xee}, 4096), []byte{0xff}
+	if w, ok := d.HandleQuick(0, chain([][]byte{header(tIn, 1024)}, [][]byte{buf, status})); !ok || w != 4097 || status[0] != sOK || !bytes.Equal(buf, make([]byte, 4096)) {
+		t.Fatalf("empty range: ok %v written %d status %d", ok, w, status[0])
+	}
+	for name, c := range map[string]*virtq.Chain{
+		"data":         chain([][]byte{header(tIn, 0)}, [][]byte{make([]byte, 4096), {0xff}}),
+		"shared tail":  chain([][]byte{header(tIn, 1024)}, [][]byte{bytes.Repeat([]byte{0xff}, 4097)}),
+		"write":        chain([][]byte{header(tOut, 1024), make([]byte, 512)}, [][]byte{{0xff}}),
+		"out of range": chain([][]byte{header(tIn, 1<<20)}, [][]byte{make([]byte, 512), {0xff}}),
+	} {
+		last := c.In[len(c.In)-1]
+		if _, ok := d.HandleQuick(0, c); ok || last[len(last)-1] != 0xff {
+			t.Errorf("%s: served quickly (ok %v)", name, ok)
+		}
+	}
+	raw, _ := testDevice(t, Options{})
+	if _, ok := raw.HandleQuick(0, chain([][]byte{header(tIn, 0)}, [][]byte{make([]byte, 512), {0xff}})); ok {
+		t.Error("a file node has no quick reads")
 	}
 }

@@ -24,8 +24,9 @@ type packedRing struct {
 	next atomic.Uint32
 
 	// The used side, guarded by q.pushMu.
-	usedIdx  uint16
-	usedWrap bool
+	usedIdx     uint16
+	usedWrap    bool
+	pendingDesc uint32 // descriptors used since the last notification test
 
 	infl *packedInflight
 }
@@ -150,7 +151,7 @@ func (r *packedRing) addPacked(c *Chain, step int, addr uint64, n uint32, flags 
 	}
 }
 
-func (r *packedRing) push(c *Chain, written uint32) bool {
+func (r *packedRing) push(c *Chain, written uint32) {
 	old := r.usedIdx
 	o := int(old) * descSize
 	var flags uint16
@@ -162,6 +163,7 @@ func (r *packedRing) push(c *Chain, written uint32) bool {
 		r.usedIdx -= r.q.size
 		r.usedWrap = !r.usedWrap
 	}
+	r.pendingDesc += uint32(c.ndesc)
 	if c.inflight && r.infl != nil {
 		r.infl.release(c.slot, r.usedIdx, r.usedWrap)
 	}
@@ -172,8 +174,17 @@ func (r *packedRing) push(c *Chain, written uint32) bool {
 		r.infl.commit(c.slot)
 	}
 	r.q.logUser(r.ringAddr+uint64(o), descSize)
+}
 
-	fence()
+// needNotify is the notification test for the used descriptors written
+// since the last test (virtio 1.2, 2.8.10): the driver's event flags say
+// always, never, or (with event index) when the used position passes the
+// descriptor offset and wrap counter it gives. The test runs over every
+// descriptor used since the last one, the way a driver tests a batch of
+// available ones; more than a ring's worth always passed the event.
+func (r *packedRing) needNotify(uint32) bool {
+	n := r.pendingDesc
+	r.pendingDesc = 0
 	w := atomic.LoadUint32((*uint32)(ptr(r.driver, 0)))
 	offWrap, evFlags := uint16(w), uint16(w>>16)&3
 	switch evFlags {
@@ -183,11 +194,14 @@ func (r *packedRing) push(c *Chain, written uint32) bool {
 		if !r.q.eventIdx {
 			return true
 		}
+		if n >= uint32(r.q.size) {
+			return true
+		}
 		ev := offWrap & 0x7fff
 		if (offWrap&0x8000 != 0) != r.usedWrap {
 			ev -= r.q.size
 		}
-		return needEvent(ev, r.usedIdx, r.usedIdx-c.ndesc)
+		return needEvent(ev, r.usedIdx, r.usedIdx-uint16(n))
 	}
 	return true
 }

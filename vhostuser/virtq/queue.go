@@ -33,7 +33,10 @@ type Config struct {
 
 // Chain is one request: the buffers of a descriptor chain, device-readable
 // (Out) then device-writable (In), as slices of guest memory. Only the
-// goroutine that popped it may use it, until Push.
+// goroutine that popped it (or the one it hands the chain to) may use it,
+// until Push or Complete. The device may reslice the elements of Out and
+// In in place (Complete does not look at them), but not grow the
+// slices.
 type Chain struct {
 	Head          uint16 // descriptor index (split) or buffer id (packed)
 	Out, In       [][]byte
@@ -60,8 +63,9 @@ func (c *Chain) reset() {
 }
 
 // Queue is the device side of one ring. Pop, Resubmit, DisableNotify and
-// EnableNotify belong to one goroutine (the ring's worker); Push, SetLog
-// and Base may be called from any goroutine.
+// EnableNotify belong to one goroutine at a time (the ring's worker);
+// Push, Complete, Notify, SetLog and Base may be called from any
+// goroutine.
 type Queue struct {
 	mem      *Memory
 	size     uint16
@@ -80,6 +84,9 @@ type Queue struct {
 	// pushMu serialises the used side (and the inflight region, which
 	// both sides update).
 	pushMu sync.Mutex
+	// pending counts the completions since the last Notify; guarded by
+	// pushMu.
+	pending uint32
 
 	resubmit []uint16 // inflight entries still to resubmit, in order
 }
@@ -172,20 +179,61 @@ func (q *Queue) Resubmit(c *Chain) (bool, error) {
 }
 
 // Push returns c to the driver with written bytes in its writable
-// buffers, and says whether the driver wants to be notified.
+// buffers, and says whether the driver wants to be notified: it is
+// Complete followed by Notify.
 func (q *Queue) Push(c *Chain, written uint32) bool {
+	q.Complete(c, written)
+	return q.Notify()
+}
+
+// Complete returns c to the driver with written bytes in its writable
+// buffers, without deciding about a notification: a later Notify decides
+// for every completion since the one before it, so that a batch of
+// completions costs the driver one interrupt. Every Complete must be
+// followed by a Notify (whose true answer is acted on), or a driver
+// waiting for the completion may never hear of it.
+func (q *Queue) Complete(c *Chain, written uint32) {
 	if l := q.log.Load(); l != nil {
 		q.logWritten(l, c, written)
 	}
 	q.pushMu.Lock()
-	var notify bool
 	if q.packed != nil {
-		notify = q.packed.push(c, written)
+		q.packed.push(c, written)
 	} else {
-		notify = q.split.push(c, written)
+		q.split.push(c, written)
+	}
+	q.pending++
+	q.pushMu.Unlock()
+	q.outstanding.Add(-1)
+}
+
+// Notify reports whether the driver must be notified of the completions
+// since the previous Notify: with VIRTIO_F_EVENT_IDX, whether the used
+// index moved past the driver's used_event (virtio 1.2, 2.7.10 and
+// 2.8.10: the test over the whole batch, as a device that publishes
+// several used elements at once applies it), else whether the driver
+// left notifications on (VIRTQ_AVAIL_F_NO_INTERRUPT clear, or the packed
+// ring's driver event flags not "disable"). With VIRTIO_F_NOTIFY_ON_EMPTY
+// the device also notifies when it has used every buffer and none is
+// available, whatever the driver asked. Without completions since the
+// previous Notify the answer is false.
+func (q *Queue) Notify() bool {
+	q.pushMu.Lock()
+	n := q.pending
+	q.pending = 0
+	var notify bool
+	if n > 0 {
+		// The used index was published before the driver's
+		// suppression is read (the driver does the mirror image).
+		fence()
+		if q.packed != nil {
+			notify = q.packed.needNotify(n)
+		} else {
+			notify = q.split.needNotify(n)
+		}
 	}
 	q.pushMu.Unlock()
-	if q.outstanding.Add(-1) == 0 && q.onEmpty && !notify && q.empty() {
+	if n > 0 && !notify && q.onEmpty && q.outstanding.Load() == 0 && q.empty() {
 		notify = true
 	}
 	return notify

@@ -115,7 +115,7 @@ func (r *splitRing) walk(c *Chain, head uint16) {
 	}
 }
 
-func (r *splitRing) push(c *Chain, written uint32) bool {
+func (r *splitRing) push(c *Chain, written uint32) {
 	if c.inflight && r.infl != nil {
 		r.infl.batch(c.Head)
 	}
@@ -134,10 +134,20 @@ func (r *splitRing) push(c *Chain, written uint32) bool {
 	}
 	r.q.logUser(r.usedAddr+4+8*uint64(old%r.q.size), 8)
 	r.q.logUser(r.usedAddr+2, 2)
+}
+
+// needNotify is the notification test for the last n used elements
+// (virtio 1.2, 2.7.10): with event index, whether the used index crossed
+// used_event on its way from usedIdx-n to usedIdx (more than a ring's
+// worth of elements always did); without, whether the driver left
+// VIRTQ_AVAIL_F_NO_INTERRUPT clear.
+func (r *splitRing) needNotify(n uint32) bool {
 	if r.q.eventIdx {
-		fence()
+		if n >= uint32(r.q.size) {
+			return true
+		}
 		ev := load16(ptr(r.avail, 4+2*int(r.q.size)))
-		return needEvent(ev, r.usedIdx, old)
+		return needEvent(ev, r.usedIdx, r.usedIdx-uint16(n))
 	}
 	return load16(ptr(r.avail, 0))&availFNoInterupt == 0
 }
