@@ -16,6 +16,7 @@ import (
 	_ "blockbackend/drivers/file"
 	_ "blockbackend/drivers/luks"
 	_ "blockbackend/drivers/null"
+	_ "blockbackend/drivers/qcow"
 	_ "blockbackend/drivers/qcow2"
 	_ "blockbackend/drivers/raw"
 	_ "blockbackend/vhostuser/blk"
