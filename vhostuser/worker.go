@@ -40,7 +40,19 @@ import (
 // helpers wait for work between bursts instead of exiting, so that their
 // grown stacks are reused; the goroutines of a ring are thus bounded by
 // the requests in flight, and at rest by maxIdleHelpers plus the worker.
+//
+// Before it sleeps, the worker polls the ring for a while with the
+// driver's notifications still off, as QEMU's iothreads poll their event
+// sources (poll-max-ns): a request that arrives meanwhile costs neither
+// the driver a kick nor the worker a wake-up. How long it polls adapts
+// as QEMU's does: it grows (from pollStart, doubling, up to pollMax)
+// while the sleeps that follow turn out shorter than pollMax, and
+// shrinks (halving, to nothing) when a sleep lasts longer, so that a
+// ring with sparse requests (a guest under TCG) does not spin at all.
 const (
+	pollStart = 4 * time.Microsecond
+	pollMax   = 32 * time.Microsecond
+
 	inlineHandoff  = 100 * time.Microsecond
 	inlineMax      = 20 * time.Microsecond
 	batchMax       = 64
@@ -87,6 +99,7 @@ type ring struct {
 	seen     atomic.Uint64 // the inline value the last tick saw
 	seq      uint64        // worker-owned
 	unsent   int           // worker-owned: completions not yet announced
+	poll     time.Duration // worker-owned: how long to poll before sleeping
 }
 
 func startRing(q *queue, vq *virtq.Queue, kick int) (*ring, error) {
@@ -135,9 +148,11 @@ func (r *ring) loop() {
 			r.helper(nil)
 			return
 		}
+		t0 := time.Now()
 		if !r.waitKick() {
 			break
 		}
+		r.adaptPoll(time.Since(t0))
 	}
 	r.flush()
 	close(r.worker)
@@ -246,9 +261,46 @@ func (r *ring) drain() int {
 			}
 		}
 		r.flush()
-		if r.stopping.Load() || !r.vq.EnableNotify() {
+		if r.stopping.Load() {
 			return drainIdle
 		}
+		if r.pollAvail() {
+			continue
+		}
+		if !r.vq.EnableNotify() {
+			return drainIdle
+		}
+	}
+}
+
+// pollAvail busy-waits up to r.poll for requests, notifications off, and
+// reports whether some arrived.
+func (r *ring) pollAvail() bool {
+	if r.poll == 0 {
+		return false
+	}
+	deadline := time.Now().Add(r.poll)
+	for i := 1; ; i++ {
+		if r.vq.Pending() {
+			return true
+		}
+		if i%128 == 0 && (r.stopping.Load() || time.Now().After(deadline)) {
+			return false
+		}
+	}
+}
+
+// adaptPoll sets the next polling time from how long the worker slept.
+func (r *ring) adaptPoll(slept time.Duration) {
+	switch {
+	case slept > pollMax:
+		// Polling longer would not have caught the request: poll less.
+		if r.poll /= 2; r.poll < pollStart {
+			r.poll = 0
+		}
+	case slept > r.poll:
+		// A little more polling would have caught it.
+		r.poll = min(max(2*r.poll, pollStart), pollMax)
 	}
 }
 

@@ -239,6 +239,10 @@ func (q *Queue) Notify() bool {
 	return notify
 }
 
+// Pending reports whether the driver has made requests available that
+// Pop has not taken yet (for a worker that polls before it sleeps).
+func (q *Queue) Pending() bool { return !q.empty() }
+
 func (q *Queue) empty() bool {
 	if q.packed != nil {
 		return !q.packed.availableNow()
