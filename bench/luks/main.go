@@ -96,7 +96,7 @@ func main() {
 	flag.StringVar(&fl.backend, "backend", "", "binary to measure as \"ours\" instead of building ./cmd/blockbackend")
 	flag.Parse()
 	var err error
-	if fl.size, err = parseSize(*size); err != nil {
+	if fl.size, err = benchutil.ParseSize(*size, true); err != nil {
 		fail("-size: %v", err)
 	}
 	if fl.runs < 1 || fl.time <= 0 {
@@ -141,7 +141,7 @@ func main() {
 		exit("%v", err)
 	}
 	qsd, _ := exec.LookPath("qemu-storage-daemon")
-	logf("ours = %s; load average %s", ours, loadavg())
+	logf("ours = %s; load average %s", ours, benchutil.LoadAvg())
 
 	secret := filepath.Join(dir, "passphrase")
 	if err := os.WriteFile(secret, []byte("bench passphrase"), 0o600); err != nil {
@@ -208,14 +208,14 @@ func main() {
 		}
 		for _, name := range []string{"qsd", "ours"} {
 			if e := failures[j.name][name]; e != "" && len(s[name]) == 0 {
-				note += fmt.Sprintf(" %s failed: %s", name, short(firstLine(e)))
+				note += fmt.Sprintf(" %s failed: %s", name, benchutil.Short(benchutil.FirstLine(e)))
 			}
 		}
-		fmt.Printf("%-18s %10s %10s %7s %12v %12v  %s\n", j.name, num(q), num(o), ratio,
+		fmt.Printf("%-18s %10s %10s %7s %12v %12v  %s\n", j.name, benchutil.Num(q), benchutil.Num(o), ratio,
 			time.Duration(benchutil.MedianOf(s["qsd"], cpu)).Round(100*time.Nanosecond),
 			time.Duration(benchutil.MedianOf(s["ours"], cpu)).Round(100*time.Nanosecond), strings.TrimSpace(note))
 	}
-	logf("load average %s", loadavg())
+	logf("load average %s", benchutil.LoadAvg())
 }
 
 func unit(j job) string {
@@ -326,61 +326,6 @@ func measure(ctx context.Context, fl flags, dir, master, secret string, b backen
 		s.cpuPerIO = time.Duration(t1-t0) * benchutil.ClockTick / time.Duration(r.IOs)
 	}
 	return s, nil
-}
-
-func num(v float64) string {
-	if v == 0 {
-		return "-"
-	}
-	return strconv.FormatFloat(v, 'f', 1, 64)
-}
-
-func firstLine(s string) string {
-	s = strings.TrimSpace(s)
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		return s[:i]
-	}
-	return s
-}
-
-// short cuts a message for a table cell.
-func short(s string) string {
-	if len(s) > 160 {
-		return s[:157] + "..."
-	}
-	return s
-}
-
-func parseSize(s string) (int64, error) {
-	if s == "" {
-		return 0, errors.New("empty size")
-	}
-	mult := int64(1)
-	switch strings.ToUpper(s[len(s)-1:]) {
-	case "K":
-		mult = 1 << 10
-	case "M":
-		mult = 1 << 20
-	case "G":
-		mult = 1 << 30
-	}
-	if mult > 1 {
-		s = s[:len(s)-1]
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 || n > (1<<50)/mult || (n*mult)%(1<<20) != 0 {
-		return 0, fmt.Errorf("%q is not a positive multiple of 1 MiB", s)
-	}
-	return n * mult, nil
-}
-
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 func logf(format string, a ...any) { fmt.Fprintf(os.Stderr, format+"\n", a...) }

@@ -79,10 +79,10 @@ func main() {
 	flag.BoolVar(&fl.noExport, "no-export", false, "skip the vhost-user-blk part")
 	flag.Parse()
 	var err error
-	if fl.size, err = parseSize(*size); err != nil {
+	if fl.size, err = benchutil.ParseSize(*size, true); err != nil {
 		fail("-size: %v", err)
 	}
-	if fl.convertSize, err = parseSize(*csize); err != nil {
+	if fl.convertSize, err = benchutil.ParseSize(*csize, true); err != nil {
 		fail("-convert-size: %v", err)
 	}
 	if fl.runs < 1 || fl.time <= 0 {
@@ -118,7 +118,7 @@ func main() {
 		exit("%v", err)
 	}
 	qsd, _ := exec.LookPath("qemu-storage-daemon")
-	logf("ours = %s; load average %s", ours, loadavg())
+	logf("ours = %s; load average %s", ours, benchutil.LoadAvg())
 
 	if !fl.noExport {
 		res := runExport(ctx, fl, jobRE, dir, []backend{{"qsd", qsd}, {"ours", ours}})
@@ -132,7 +132,7 @@ func main() {
 			exit("%v", err)
 		}
 	}
-	logf("load average %s", loadavg())
+	logf("load average %s", benchutil.LoadAvg())
 }
 
 // ------------------------------------------------------- vhost-user-blk part
@@ -322,10 +322,10 @@ func (res *exportResults) print(w *os.File, runs int) {
 		}
 		for _, name := range []string{"qsd", "ours"} {
 			if e := res.failures[j.String()][name]; e != "" && len(s[name]) == 0 {
-				note += fmt.Sprintf(" %s failed: %s", name, short(firstLine(e)))
+				note += fmt.Sprintf(" %s failed: %s", name, benchutil.Short(benchutil.FirstLine(e)))
 			}
 		}
-		fmt.Fprintf(w, "%-28s %12s %12s %8s  %s\n", j, num(q), num(o), ratio, strings.TrimSpace(note))
+		fmt.Fprintf(w, "%-28s %12s %12s %8s  %s\n", j, benchutil.Num(q), benchutil.Num(o), ratio, strings.TrimSpace(note))
 	}
 }
 
@@ -340,7 +340,7 @@ type convertCase struct {
 
 func runConvert(ctx context.Context, fl flags, jobRE *regexp.Regexp, dir, ours string) error {
 	if out, err := exec.Command(ours, "img", "convert", "--help").CombinedOutput(); err != nil {
-		fmt.Printf("\nimg convert: skipped: `%s img convert --help` failed (%v): %s\n", filepath.Base(ours), err, firstLine(string(out)))
+		fmt.Printf("\nimg convert: skipped: `%s img convert --help` failed (%v): %s\n", filepath.Base(ours), err, benchutil.FirstLine(string(out)))
 		return nil
 	}
 	cases := []convertCase{
@@ -411,7 +411,7 @@ func runConvert(ctx context.Context, fl flags, jobRE *regexp.Regexp, dir, ours s
 				out, err := cmd.CombinedOutput()
 				d := time.Since(t0)
 				if err != nil {
-					failures[c.name+tool.name] = fmt.Sprintf("%v: %s", err, firstLine(string(out)))
+					failures[c.name+tool.name] = fmt.Sprintf("%v: %s", err, benchutil.FirstLine(string(out)))
 					logf("run %d convert %-28s %-8s failed: %v\n%s", run+1, c.name, tool.name, err, out)
 					continue
 				}
@@ -419,13 +419,13 @@ func runConvert(ctx context.Context, fl flags, jobRE *regexp.Regexp, dir, ours s
 				// with the source once per case.
 				if tool.name == "ours" && !checked[c.name] {
 					if out, err := exec.Command("qemu-img", "compare", "-f", srcFmt, "-F", c.out, srcs[c.src], dst).CombinedOutput(); err != nil {
-						failures[c.name+tool.name] = "output differs from the source: " + firstLine(string(out))
+						failures[c.name+tool.name] = "output differs from the source: " + benchutil.FirstLine(string(out))
 						logf("convert %s: our output differs from the source: %v\n%s", c.name, err, out)
 						continue
 					}
 					if c.out == "qcow2" {
 						if out, err := exec.Command("qemu-img", "check", dst).CombinedOutput(); err != nil {
-							failures[c.name+tool.name] = "qemu-img check: " + firstLine(string(out))
+							failures[c.name+tool.name] = "qemu-img check: " + benchutil.FirstLine(string(out))
 							logf("convert %s: qemu-img check of our output: %v\n%s", c.name, err, out)
 							continue
 						}
@@ -451,7 +451,7 @@ func runConvert(ctx context.Context, fl flags, jobRE *regexp.Regexp, dir, ours s
 		}
 		for _, name := range []string{"qemu-img", "ours"} {
 			if e := failures[c.name+name]; e != "" {
-				note += " " + name + " failed: " + short(e)
+				note += " " + name + " failed: " + benchutil.Short(e)
 			}
 		}
 		fmt.Printf("%-28s %12s %12s %8s  %s\n", c.name, durStr(q), durStr(o), ratio, strings.TrimSpace(note))
@@ -527,66 +527,11 @@ func medianDur(v []time.Duration) time.Duration {
 	return time.Duration(benchutil.Median(f))
 }
 
-func num(v float64) string {
-	if v == 0 {
-		return "-"
-	}
-	return strconv.FormatFloat(v, 'f', 1, 64)
-}
-
 func durStr(d time.Duration) string {
 	if d == 0 {
 		return "-"
 	}
 	return fmt.Sprintf("%.3fs", d.Seconds())
-}
-
-func firstLine(s string) string {
-	s = strings.TrimSpace(s)
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		return s[:i]
-	}
-	return s
-}
-
-// short cuts a message for a table cell.
-func short(s string) string {
-	if len(s) > 160 {
-		return s[:157] + "..."
-	}
-	return s
-}
-
-func parseSize(s string) (int64, error) {
-	if s == "" {
-		return 0, errors.New("empty size")
-	}
-	mult := int64(1)
-	switch strings.ToUpper(s[len(s)-1:]) {
-	case "K":
-		mult = 1 << 10
-	case "M":
-		mult = 1 << 20
-	case "G":
-		mult = 1 << 30
-	}
-	if mult > 1 {
-		s = s[:len(s)-1]
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 || n > (1<<50)/mult || (n*mult)%(1<<20) != 0 {
-		return 0, fmt.Errorf("%q is not a positive multiple of 1 MiB", s)
-	}
-	return n * mult, nil
-}
-
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 func logf(format string, a ...any) { fmt.Fprintf(os.Stderr, format+"\n", a...) }

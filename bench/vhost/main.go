@@ -154,7 +154,7 @@ func main() {
 	flag.StringVar(&fl.Queues, "queues", "1,2", "num-queues settings to run, comma-separated")
 	flag.Parse()
 	var err error
-	if fl.Size, err = parseSize(*size); err != nil {
+	if fl.Size, err = benchutil.ParseSize(*size, false); err != nil {
 		fail("-size: %v", err)
 	}
 	if fl.Runs < 1 || fl.Time <= 0 || fl.Warmup < 0 {
@@ -240,7 +240,7 @@ func main() {
 	}
 
 	res := newResults(cfg, jobs)
-	res.LoadBefore = loadavg()
+	res.LoadBefore = benchutil.LoadAvg()
 	fo := frontend.Options{Profile: prof, QueueSize: uint16(fl.QueueSize), EventIdx: fl.EventIdx,
 		Indirect: fl.Indirect, Packed: fl.Packed,
 		// Room for the bench buffers of every job on one connection
@@ -273,7 +273,7 @@ func main() {
 	if ctx.Err() != nil {
 		exit("interrupted")
 	}
-	res.LoadAfter = loadavg()
+	res.LoadAfter = benchutil.LoadAvg()
 	res.summarise()
 	if fl.JSON {
 		enc := json.NewEncoder(os.Stdout)
@@ -430,26 +430,6 @@ func measure(ctx context.Context, fl flags, l *live, all []*live, j jobSpec, run
 	return smp, nil
 }
 
-func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	switch strings.ToUpper(s[len(s)-min(len(s), 1):]) {
-	case "K":
-		mult = 1 << 10
-	case "M":
-		mult = 1 << 20
-	case "G":
-		mult = 1 << 30
-	}
-	if mult > 1 {
-		s = s[:len(s)-1]
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 || n > (1<<50)/mult {
-		return 0, fmt.Errorf("%q is not a size", s)
-	}
-	return n * mult, nil
-}
-
 func profileByName(name string) (frontend.Profile, bool) {
 	for _, p := range frontend.Profiles {
 		if p.Name == name {
@@ -465,18 +445,6 @@ func profileNames() string {
 		n = append(n, p.Name)
 	}
 	return strings.Join(n, ", ")
-}
-
-// loadavg is the first three fields of /proc/loadavg, to show how busy
-// the machine was: other work on a 2-core machine is the main source of
-// noise.
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }

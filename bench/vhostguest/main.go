@@ -279,7 +279,7 @@ func main() {
 		all = append(all, js...)
 	}
 	res := newResults(fl, backends, kit.Release, all)
-	res.LoadBefore = loadavg()
+	res.LoadBefore = benchutil.LoadAvg()
 	logf("image %d MiB in %s; guest kernel %s under TCG", fl.Size>>20, dir, kit.Release)
 	for _, b := range backends {
 		logf("%s = %s", b.Name, b.Bin)
@@ -303,7 +303,7 @@ func main() {
 	if ctx.Err() != nil {
 		exit("interrupted")
 	}
-	res.LoadAfter = loadavg()
+	res.LoadAfter = benchutil.LoadAvg()
 	res.summarise()
 	res.print(os.Stdout)
 }
@@ -435,16 +435,6 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 func tail(s string, n int) string {
 	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	return strings.Join(l[max(0, len(l)-n):], "\n")
-}
-
-// loadavg is the first three fields of /proc/loadavg.
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
