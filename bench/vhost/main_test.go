@@ -5,19 +5,6 @@ import (
 	"testing"
 )
 
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"1G": 1 << 30, "64M": 64 << 20, "8k": 8 << 10, "1048576": 1 << 20} {
-		if got, err := parseSize(in); err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, bad := range []string{"", "G", "-1M", "0", "1T", "99999999999G"} {
-		if _, err := parseSize(bad); err == nil {
-			t.Errorf("parseSize(%q) succeeded", bad)
-		}
-	}
-}
-
 func TestJobs(t *testing.T) {
 	want := map[int][]string{
 		1: {"4k randread QD1", "4k randread QD32", "4k randwrite QD1", "4k randwrite QD32", "1M seqread QD4", "1M seqwrite QD4"},

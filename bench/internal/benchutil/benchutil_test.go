@@ -60,3 +60,19 @@ func TestMakeImages(t *testing.T) {
 		t.Error("MakeImages of 1000 bytes succeeded")
 	}
 }
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"1G": 1 << 30, "64M": 64 << 20, "8k": 8 << 10, "1048576": 1 << 20} {
+		if got, err := ParseSize(in, false); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "G", "-1M", "0", "1T", "99999999999G"} {
+		if _, err := ParseSize(bad, false); err == nil {
+			t.Errorf("ParseSize(%q) succeeded", bad)
+		}
+	}
+	if _, err := ParseSize("8k", true); err == nil {
+		t.Error("ParseSize(8k) of an image succeeded")
+	}
+}
