@@ -8,8 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 
@@ -255,28 +253,6 @@ func (img *image) readMeta(ctx context.Context, p []byte, off int64) error {
 	return img.file.ReadV(ctx, off, [][]byte{p[:n]})
 }
 
-// relativeName resolves a backing file name as QEMU does: a relative plain
-// path is relative to the directory of the image file.
-func (img *image) relativeName(name string) string {
-	if strings.HasPrefix(name, "json:") || filepath.IsAbs(name) {
-		return name
-	}
-	if p, _ := graph.ProtocolFor(name); p != nil {
-		return name
-	}
-	base := ""
-	if f, ok := img.file.Instance().(graph.Filenamer); ok {
-		base = f.Filename()
-	}
-	if base == "" || strings.HasPrefix(base, "json:") {
-		return name
-	}
-	if p, _ := graph.ProtocolFor(base); p != nil && p.Name != "file" {
-		return name
-	}
-	return filepath.Join(filepath.Dir(strings.TrimPrefix(base, "file:")), name)
-}
-
 // openBacking opens the backing child from the options or from the
 // header's backing file name, whose format qcow does not record: it is
 // probed, as QEMU does.
@@ -314,7 +290,7 @@ func (img *image) backingOptions(name string) (map[string]any, error) {
 		}
 		return m, nil
 	}
-	path := img.relativeName(name)
+	path := graph.ResolveImageName(img.file, name)
 	proto, err := graph.ProtocolFor(path)
 	if err != nil {
 		return nil, qapi.Errorf(qapi.GenericError, "Could not open backing file: %v", err)

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -215,7 +213,7 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 			if !h.HasDataFile || h.DataFile == "" {
 				return nil, qapi.Errorf(qapi.GenericError, "'data-file' is required for this image")
 			}
-			ref = &graph.ChildRef{Options: map[string]any{"driver": "file", "filename": img.relativeName(h.DataFile)}, Mode: qapi.JSON}
+			ref = &graph.ChildRef{Options: map[string]any{"driver": "file", "filename": graph.ResolveImageName(img.file, h.DataFile)}, Mode: qapi.JSON}
 		}
 		dc, err := oc.OpenChild(ctx, "data-file", ref, graph.RoleDataFile, false)
 		if err != nil {
@@ -286,31 +284,6 @@ func (img *image) readTable(ctx context.Context, off int64, n int) ([]uint64, er
 	return t, nil
 }
 
-// relativeName resolves a file name recorded in the image (backing file,
-// data file) as QEMU does: a relative plain path is taken relative to the
-// directory of the image file; protocol and json: names stay as they are.
-func (img *image) relativeName(name string) string {
-	if strings.HasPrefix(name, "json:") || filepath.IsAbs(name) {
-		return name
-	}
-	if p, _ := graph.ProtocolFor(name); p != nil {
-		return name
-	}
-	// Not Node.Filename: that may walk the child's children under the
-	// graph lock, which the graph holds while we open.
-	base := ""
-	if f, ok := img.file.Instance().(graph.Filenamer); ok {
-		base = f.Filename()
-	}
-	if base == "" || strings.HasPrefix(base, "json:") {
-		return name
-	}
-	if p, _ := graph.ProtocolFor(base); p != nil && p.Name != "file" {
-		return name
-	}
-	return filepath.Join(filepath.Dir(strings.TrimPrefix(base, "file:")), name)
-}
-
 // openBacking opens the backing child from the options ("backing": a node
 // name, nested options, or null for none) or from the header's backing
 // file name and format.
@@ -363,7 +336,7 @@ func (img *image) backingOptions(name, format string) (map[string]any, error) {
 		}
 		return m, nil
 	}
-	path := img.relativeName(name)
+	path := graph.ResolveImageName(img.file, name)
 	proto, err := graph.ProtocolFor(path)
 	if err != nil {
 		return nil, qapi.Errorf(qapi.GenericError, "Could not open backing file: %v", err)
