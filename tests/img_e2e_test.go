@@ -182,9 +182,11 @@ func TestIntegrationImgCreateMessages(t *testing.T) {
 // runIn runs name in dir and returns its combined output and status.
 func runIn(t *testing.T, dir, name string, argv ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command(name, argv...)
-	cmd.Dir = dir
-	out, err := cmd.CombinedOutput()
+	out, err := combinedRetry(func() *exec.Cmd {
+		cmd := exec.Command(name, argv...)
+		cmd.Dir = dir
+		return cmd
+	})
 	if ee, ok := err.(*exec.ExitError); ok {
 		return string(out), ee.ExitCode()
 	} else if err != nil {

@@ -129,8 +129,7 @@ func guestQcow2(t *testing.T, kit *guest.Kit, kind backendKind, withBacking, luk
 
 func qemuImg(t *testing.T, args ...string) {
 	t.Helper()
-	cmd := exec.Command("qemu-img", args...)
-	if out, err := cmd.CombinedOutput(); err != nil {
+	if out, err := combinedRetry(func() *exec.Cmd { return exec.Command("qemu-img", args...) }); err != nil {
 		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 }
