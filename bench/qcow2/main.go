@@ -100,11 +100,7 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	base, tmpfs := benchutil.TmpfsBase()
-	if !tmpfs {
-		logf("no /dev/shm: images in %s (may not be tmpfs)", base)
-	}
-	dir, err := os.MkdirTemp(base, "bbqcow2")
+	dir, ours, err := benchutil.Workdir("bbqcow2", fl.backend, logf)
 	if err != nil {
 		fail("%v", err)
 	}
@@ -112,10 +108,6 @@ func main() {
 	exit := func(format string, a ...any) {
 		os.RemoveAll(dir)
 		fail(format, a...)
-	}
-	ours, err := benchutil.Ours(fl.backend, dir)
-	if err != nil {
-		exit("%v", err)
 	}
 	qsd, _ := exec.LookPath("qemu-storage-daemon")
 	logf("ours = %s; load average %s", ours, benchutil.LoadAvg())

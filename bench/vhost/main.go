@@ -188,11 +188,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	base, tmpfs := benchutil.TmpfsBase()
-	if !tmpfs {
-		fmt.Fprintf(os.Stderr, "bench/vhost: no /dev/shm, image in %s (may not be tmpfs)\n", base)
-	}
-	dir, err := os.MkdirTemp(base, "bbvhost")
+	dir, ours, err := benchutil.Workdir("bbvhost", fl.Backend, func(f string, a ...any) { fmt.Fprintf(os.Stderr, "bench/vhost: "+f+"\n", a...) })
 	if err != nil {
 		fail("%v", err)
 	}
@@ -200,11 +196,6 @@ func main() {
 	exit := func(format string, a ...any) {
 		os.RemoveAll(dir)
 		fail(format, a...)
-	}
-
-	ours, err := benchutil.Ours(fl.Backend, dir)
-	if err != nil {
-		exit("%v", err)
 	}
 	cfg := config{flags: fl, Dir: dir}
 	if !fl.Packed {

@@ -247,11 +247,7 @@ func main() {
 	}
 	logf("guest kit (kernel %s) ready in %v", kit.Release, time.Since(t0).Round(time.Millisecond))
 
-	base, tmpfs := benchutil.TmpfsBase()
-	if !tmpfs {
-		logf("no /dev/shm, image in %s (may not be tmpfs)", base)
-	}
-	dir, err := os.MkdirTemp(base, "bbvguest")
+	dir, ours, err := benchutil.Workdir("bbvguest", fl.Backend, logf)
 	if err != nil {
 		fail("%v", err)
 	}
@@ -259,10 +255,6 @@ func main() {
 	exit := func(format string, a ...any) {
 		os.RemoveAll(dir)
 		fail(format, a...)
-	}
-	ours, err := benchutil.Ours(fl.Backend, dir)
-	if err != nil {
-		exit("%v", err)
 	}
 	qsd, _ := exec.LookPath("qemu-storage-daemon")
 	backends := []backendSpec{

@@ -267,6 +267,25 @@ func TmpfsBase() (dir string, ok bool) {
 	return "/dev/shm", true
 }
 
+// Workdir makes the run's scratch directory (prefix*) under TmpfsBase,
+// saying through logf when that is not tmpfs, and finds our binary in it
+// (Ours). On error nothing is left behind; otherwise the caller removes
+// dir.
+func Workdir(prefix, backend string, logf func(string, ...any)) (dir, ours string, err error) {
+	base, tmpfs := TmpfsBase()
+	if !tmpfs {
+		logf("no /dev/shm: images in %s (may not be tmpfs)", base)
+	}
+	if dir, err = os.MkdirTemp(base, prefix); err != nil {
+		return "", "", err
+	}
+	if ours, err = Ours(backend, dir); err != nil {
+		os.RemoveAll(dir)
+		return "", "", err
+	}
+	return dir, ours, nil
+}
+
 // MakeImages writes identical raw images full of non-zero data, so that
 // every page exists in tmpfs and reads copy real data rather than the
 // zero page. The files are written a MiB at a time in turn, so that their
