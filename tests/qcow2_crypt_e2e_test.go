@@ -1,9 +1,7 @@
 package tests
 
 import (
-	"bytes"
 	"encoding/json"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -12,34 +10,9 @@ import (
 	goqmp "github.com/digitalocean/go-qemu/qmp"
 )
 
-// qcryptRun runs name with args in dir, retrying qemu-img's PBKDF2
-// calibration failure on a busy machine; it returns the combined output
-// and the exit status.
-func qcryptRun(t *testing.T, dir, name string, args ...string) (string, int) {
-	t.Helper()
-	var out bytes.Buffer
-	for try := 0; ; try++ {
-		out.Reset()
-		cmd := exec.Command(name, args...)
-		cmd.Dir = dir
-		cmd.Stdout, cmd.Stderr = &out, &out
-		err := cmd.Run()
-		code := 0
-		if ee, ok := err.(*exec.ExitError); ok {
-			code = ee.ExitCode()
-		} else if err != nil {
-			t.Fatalf("%s: %v", name, err)
-		}
-		if code == 0 || try == 8 || !strings.Contains(out.String(), "accurate CPU usage") {
-			return out.String(), code
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
 func qcryptOK(t *testing.T, dir, name string, args ...string) string {
 	t.Helper()
-	out, code := qcryptRun(t, dir, name, args...)
+	out, code := runIn(t, dir, name, args...)
 	if code != 0 {
 		t.Fatalf("%s %s: exit %d\n%s", name, strings.Join(args, " "), code, out)
 	}
@@ -63,7 +36,7 @@ func TestIntegrationQcow2CryptDaemon(t *testing.T) {
 		"-o", "encrypt.format=aes,encrypt.key-secret=sec0", aes, "4M")
 
 	// --blockdev: exit 1, the reason, and the hint on the next line.
-	out, code := qcryptRun(t, dir, binary, "--object", qcryptSecret,
+	out, code := runIn(t, dir, binary, "--object", qcryptSecret,
 		"--blockdev", "driver=qcow2,node-name=n,file.driver=file,file.filename="+aes+",encrypt.format=aes,encrypt.key-secret=sec0")
 	if code != 1 || !strings.Contains(out, "Use of AES-CBC encrypted qcow2 images is refused in node 'n'") ||
 		!strings.Contains(out, "predictable IVs") || !strings.Contains(out, "\nFor example: blockbackend img convert") {
