@@ -100,6 +100,7 @@ type ring struct {
 	seq      uint64        // worker-owned
 	unsent   int           // worker-owned: completions not yet announced
 	poll     time.Duration // worker-owned: how long to poll before sleeping
+	quick    QuickHandler  // the device's, or nil
 }
 
 func startRing(q *queue, vq *virtq.Queue, kick int) (*ring, error) {
@@ -108,6 +109,7 @@ func startRing(q *queue, vq *virtq.Queue, kick int) (*ring, error) {
 		return nil, err
 	}
 	r := &ring{q: q, vq: vq, kick: kick, stopFD: stopFD, worker: make(chan struct{}), work: make(chan *virtq.Chain)}
+	r.quick, _ = q.s.dev.(QuickHandler)
 	r.watchdog = time.AfterFunc(time.Hour, r.tick)
 	r.watchdog.Stop()
 	r.gs.Add(1)
@@ -307,11 +309,10 @@ func (r *ring) adaptPoll(slept time.Duration) {
 // serveQuick serves c on the worker if the device can do so at once
 // (QuickHandler), and reports whether it did.
 func (r *ring) serveQuick(c *virtq.Chain) bool {
-	qh, ok := r.q.s.dev.(QuickHandler)
-	if !ok {
+	if r.quick == nil {
 		return false
 	}
-	written, ok := qh.HandleQuick(r.q.idx, c)
+	written, ok := r.quick.HandleQuick(r.q.idx, c)
 	if !ok {
 		return false
 	}
