@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+
+	"blockbackend/internal/zeros"
 )
 
 // ErrNotSupported is wrapped by drivers that cannot do an optional
@@ -129,7 +131,7 @@ func (n *Node) WriteV(ctx context.Context, off int64, iov [][]byte, flags WriteF
 	defer n.markDirty(off, length)
 	n.wrOps.Add(1)
 	n.wrBytes.Add(uint64(length))
-	if n.common.DetectZeroes != "off" && length > 0 && allZero(iov) {
+	if n.common.DetectZeroes != "off" && length > 0 && zeros.IsV(iov) {
 		zf := ZeroFlags(0)
 		if n.common.DetectZeroes == "unmap" && n.common.Discard.Unmap() {
 			zf |= ZeroMayUnmap
@@ -140,23 +142,6 @@ func (n *Node) WriteV(ctx context.Context, off int64, iov [][]byte, flags WriteF
 		return n.writeZeroesLocked(ctx, inst, off, length, zf)
 	}
 	return inst.WriteV(ctx, off, iov, flags)
-}
-
-func allZero(iov [][]byte) bool {
-	for _, b := range iov {
-		for len(b) >= 8 {
-			if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
-				return false
-			}
-			b = b[8:]
-		}
-		for _, c := range b {
-			if c != 0 {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 // Flush makes completed writes stable, unless cache.no-flush is set.

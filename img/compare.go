@@ -2,6 +2,8 @@ package img
 
 import (
 	"bytes"
+
+	"blockbackend/internal/zeros"
 )
 
 const compareChunk = 1 << 20
@@ -107,7 +109,7 @@ func (t *Tool) compare(args []string) int {
 				if err := other.ReadAt(t.Ctx, buf1[:n], off); err != nil {
 					return t.cmpFail(p, name, off, err)
 				}
-				if i := firstNonZero(buf1[:n]); i >= 0 {
+				if i := zeros.First(buf1[:n]); i >= 0 {
 					return t.mismatch(p, quiet, off+int64(i))
 				}
 			default:
@@ -148,7 +150,7 @@ func (t *Tool) compare(args []string) int {
 					if err := big.ReadAt(t.Ctx, buf1[:n], off); err != nil {
 						return t.cmpFail(p, name, off, err)
 					}
-					if i := firstNonZero(buf1[:n]); i >= 0 {
+					if i := zeros.First(buf1[:n]); i >= 0 {
 						return t.mismatch(p, quiet, off+int64(i))
 					}
 				}
@@ -180,13 +182,4 @@ func (t *Tool) cmpStatusFail(p *progress, name string) int {
 	p.end()
 	t.errorf("Sector allocation test failed for %s", name)
 	return cmpStatusErr
-}
-
-func firstNonZero(b []byte) int {
-	for i, c := range b {
-		if c != 0 {
-			return i
-		}
-	}
-	return -1
 }

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"blockbackend/graph"
+	"blockbackend/internal/zeros"
 )
 
 const (
@@ -546,7 +547,7 @@ func (j *convertJob) writeCompressed(ctx context.Context, off int64, data []byte
 	for len(data) > 0 {
 		n := min(int64(len(data)), j.cluster)
 		c := data[:n]
-		if firstNonZero(c) >= 0 {
+		if !zeros.Is(c) {
 			if err := j.dst.WriteCompressed(ctx, off, c); err != nil {
 				return err
 			}
@@ -569,40 +570,41 @@ func (j *convertJob) writeSparse(ctx context.Context, off int64, data []byte) er
 	}
 	const sector = 512
 	n := int64(len(data))
-	isZero := func(i int64) bool { return firstNonZero(data[i:min(i+sector, n)]) < 0 }
+	// zeroRun returns where the run of zero sectors starting at i ends.
+	zeroRun := func(i int64) int64 {
+		for i < n && zeros.Is(data[i:min(i+sector, n)]) {
+			i += sector
+		}
+		return min(i, n)
+	}
 	var i int64
 	for i < n {
-		start := i
+		// Data up to the next zero run long enough to leave out; shorter
+		// zero runs go with the data around them.
+		start, zs, ze := i, n, n
 		for i < n {
-			if !isZero(i) {
+			e := zeroRun(i)
+			if e == i {
 				i += sector
 				continue
 			}
-			z := i
-			for z < n && isZero(z) {
-				z += sector
+			if e-i >= j.sparse {
+				zs, ze = i, e
+				break
 			}
-			if min(z, n)-i >= j.sparse {
-				break // a zero run long enough to leave out
-			}
-			i = z
+			i = e
 		}
-		i = min(i, n)
-		if i > start {
-			if err := j.dst.WriteAt(ctx, data[start:i], off+start, 0); err != nil {
+		if end := min(i, n); end > start {
+			if err := j.dst.WriteAt(ctx, data[start:end], off+start, 0); err != nil {
 				return err
 			}
 		}
-		zs := i
-		for i < n && isZero(i) {
-			i += sector
-		}
-		i = min(i, n)
-		if i > zs && !j.zeroInit {
-			if err := j.dst.WriteZeroes(ctx, off+zs, i-zs, graph.ZeroMayUnmap); err != nil {
+		if ze > zs && !j.zeroInit {
+			if err := j.dst.WriteZeroes(ctx, off+zs, ze-zs, graph.ZeroMayUnmap); err != nil {
 				return err
 			}
 		}
+		i = ze
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"blockbackend/internal/zeros"
 	"blockbackend/vhostuser/virtq"
 )
 
@@ -806,7 +807,7 @@ func (q *queue) maybeStart() error {
 		off := q.idx * s.inflightQ
 		if off+s.inflightQ <= len(s.inflightMap) {
 			region := s.inflightMap[off : off+virtq.InflightQueueSize(uint16(size), packed)]
-			if allZero(region) {
+			if zeros.Is(region) {
 				virtq.InitInflight(region, uint16(size), packed)
 			}
 			cfg.Inflight = region
@@ -829,15 +830,6 @@ func (q *queue) maybeStart() error {
 // config space allows plus header and status, with room for frontends
 // that ignore seg_max.
 const maxChain = 1024
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
 
 // stop halts the ring's worker, waits for its requests to complete and
 // records the ring's base for GET_VRING_BASE.
