@@ -64,6 +64,7 @@ type flags struct {
 	backend     string
 	noConvert   bool
 	noExport    bool
+	refs        bool
 }
 
 func main() {
@@ -77,6 +78,7 @@ func main() {
 	flag.StringVar(&fl.backend, "backend", "", "binary to measure as \"ours\" instead of building ./cmd/blockbackend")
 	flag.BoolVar(&fl.noConvert, "no-convert", false, "skip the img convert part")
 	flag.BoolVar(&fl.noExport, "no-export", false, "skip the vhost-user-blk part")
+	flag.BoolVar(&fl.refs, "refs", true, "also run every export job on the reference images (null-co, raw)")
 	flag.Parse()
 	var err error
 	if fl.size, err = benchutil.ParseSize(*size, true); err != nil {
@@ -133,7 +135,7 @@ type backend struct{ name, bin string }
 
 // exportJob is one frontend job on one kind of image.
 type exportJob struct {
-	image     string // "empty" or "full"
+	image     string // "empty" or "full"; references: "null" or "raw"
 	name      string // "4k randread QD1", ...
 	blockSize int
 	depth     int
@@ -143,9 +145,19 @@ type exportJob struct {
 
 func (j exportJob) String() string { return j.image + " " + j.name }
 
-func exportJobs() []exportJob {
+// isRef reports whether the job is a reference, without a target: "null"
+// is null-co (read-zeroes=on), where the backend does no I/O at all, so
+// both backends show the ceiling of the frontend and the ring; "raw" is
+// the full image's data as a raw file, the same file I/O without qcow2.
+func (j exportJob) isRef() bool { return j.image == "null" || j.image == "raw" }
+
+func exportJobs(refs bool) []exportJob {
 	var js []exportJob
-	for _, img := range []string{"empty", "full"} {
+	images := []string{"empty", "full"}
+	if refs {
+		images = append(images, "null", "raw")
+	}
+	for _, img := range images {
 		for _, w := range []bool{false, true} {
 			kind := map[bool]string{false: "read", true: "write"}[w]
 			js = append(js,
@@ -170,7 +182,7 @@ type exportResults struct {
 // runExport measures every job on every backend, -runs times.
 func runExport(ctx context.Context, fl flags, jobRE *regexp.Regexp, dir string, backends []backend) *exportResults {
 	res := &exportResults{samples: map[string]map[string][]float64{}, failures: map[string]map[string]string{}}
-	for _, j := range exportJobs() {
+	for _, j := range exportJobs(fl.refs) {
 		if jobRE.MatchString(j.String()) {
 			res.jobs = append(res.jobs, j)
 			res.samples[j.String()] = map[string][]float64{}
@@ -190,7 +202,9 @@ func runExport(ctx context.Context, fl flags, jobRE *regexp.Regexp, dir string, 
 	if out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, full).CombinedOutput(); err != nil {
 		fail("qemu-img convert (full image): %v\n%s", err, out)
 	}
-	os.Remove(raw)
+	if !fl.refs {
+		os.Remove(raw)
+	}
 	logf("export: %d MiB qcow2 images (empty: qemu-img create; full: every cluster allocated), %d jobs x %d backends x %d runs",
 		fl.size>>20, len(res.jobs), len(backends), fl.runs)
 	failed := map[string]bool{} // backend -> cannot serve at all: skip its jobs
@@ -210,7 +224,7 @@ func runExport(ctx context.Context, fl flags, jobRE *regexp.Regexp, dir string, 
 					}
 					continue
 				}
-				v, err := measureExport(ctx, fl, dir, full, b, j, uint64(run+1))
+				v, err := measureExport(ctx, fl, dir, full, raw, b, j, uint64(run+1))
 				if err != nil {
 					res.failures[j.String()][b.name] = err.Error()
 					logf("run %d %-26s %-4s failed: %v", run+1, j, b.name, err)
@@ -236,25 +250,29 @@ type startError struct{ err error }
 func (e *startError) Error() string { return e.err.Error() }
 
 // measureExport runs one job on a fresh image copy and a fresh server.
-func measureExport(ctx context.Context, fl flags, dir, full string, b backend, j exportJob, seed uint64) (float64, error) {
+func measureExport(ctx context.Context, fl flags, dir, full, raw string, b backend, j exportJob, seed uint64) (float64, error) {
 	img := filepath.Join(dir, b.name+".qcow2")
 	_ = os.Remove(img)
 	var err error
-	if j.image == "empty" {
+	switch j.image {
+	case "empty":
 		var out []byte
 		out, err = exec.Command("qemu-img", "create", "-q", "-f", "qcow2", img, strconv.FormatInt(fl.size, 10)).CombinedOutput()
 		if err != nil {
 			err = fmt.Errorf("qemu-img create: %v: %s", err, out)
 		}
-	} else {
+	case "full":
 		err = copyFile(full, img)
+	case "raw":
+		err = copyFile(raw, img)
 	}
 	if err != nil {
 		return 0, err
 	}
 	defer os.Remove(img)
 	sock := filepath.Join(dir, b.name+".sock")
-	srv, err := benchutil.Start(ctx, benchutil.Options{Name: b.bin, Bin: b.bin, Args: serverArgs(img, sock), Sock: sock})
+	args := serverArgs(img, sock, j.image, fl.size)
+	srv, err := benchutil.Start(ctx, benchutil.Options{Name: b.bin, Bin: b.bin, Args: args, Sock: sock})
 	if err != nil {
 		return 0, &startError{err}
 	}
@@ -285,9 +303,21 @@ func measureExport(ctx context.Context, fl flags, dir, full string, b backend, j
 	}
 	bo.Duration = fl.time
 	bo.Seed += 1 << 32
+	bt0, _ := srv.CPUTicks()
+	ft0, _ := benchutil.CPUTicks(os.Getpid())
 	r, err := frontend.Bench(ctx, f, bo)
 	if err != nil {
 		return 0, err
+	}
+	bt1, _ := srv.CPUTicks()
+	ft1, _ := benchutil.CPUTicks(os.Getpid())
+	if r.IOs > 0 {
+		// What the backend costs, and what it costs the frontend: CPU
+		// per I/O of each process, and the frontend's notifications.
+		tick := float64(benchutil.ClockTick) / float64(time.Microsecond)
+		logf("    %s %s: CPU per I/O %.2f us backend, %.2f us frontend; kicks/IO %.3f, frontend sleeps/IO %.3f",
+			b.name, j, float64(bt1-bt0)*tick/float64(r.IOs), float64(ft1-ft0)*tick/float64(r.IOs),
+			float64(r.Kicks)/float64(r.IOs), float64(r.Sleeps)/float64(r.IOs))
 	}
 	if r.Errors > 0 {
 		return 0, fmt.Errorf("%d of %d requests completed with an error status", r.Errors, r.IOs)
@@ -304,13 +334,21 @@ func (res *exportResults) print(w *os.File, runs int) {
 	}
 	fmt.Fprintf(w, "\nvhost-user-blk export, qcow2 (median of %d runs; 4k: IOPS, 1M: MB/s; target ours/qsd >= 1.20)\n", runs)
 	fmt.Fprintf(w, "%-28s %12s %12s %8s  %s\n", "job", "qsd", "ours", "ratio", "")
+	refs := false
 	for _, j := range res.jobs {
+		if j.isRef() && !refs {
+			refs = true
+			fmt.Fprintf(w, "references, no target (null: null-co, the frontend and ring alone; raw: the full image's data as a raw file):\n")
+		}
 		s := res.samples[j.String()]
 		q, o := benchutil.Median(s["qsd"]), benchutil.Median(s["ours"])
 		ratio, note := "-", ""
 		if q > 0 && o > 0 {
 			ratio = fmt.Sprintf("%.2fx", o/q)
 			note = map[bool]string{false: "below target", true: "ok"}[o/q >= 1.2]
+			if j.isRef() {
+				note = ""
+			}
 		}
 		for _, name := range []string{"qsd", "ours"} {
 			if e := res.failures[j.String()][name]; e != "" && len(s[name]) == 0 {

@@ -35,6 +35,9 @@ type BenchResult struct {
 	Elapsed  time.Duration
 	P50, P99 time.Duration // completion latency percentiles
 	Max      time.Duration
+	// Kicks and Sleeps are the frontend's kick-eventfd writes and waits
+	// in poll(2) during the job, over all queues.
+	Kicks, Sleeps int64
 }
 
 // IOPS is IOs per second.
@@ -117,6 +120,14 @@ func Bench(ctx context.Context, f *Frontend, o BenchOptions) (BenchResult, error
 		ctx, cancel = context.WithTimeout(ctx, o.Duration)
 		defer cancel()
 	}
+	stats := func() (k, s int64) {
+		for _, q := range o.Queues {
+			qk, qs := f.QueueStats(q)
+			k, s = k+int64(qk), s+int64(qs)
+		}
+		return
+	}
+	k0, s0 := stats()
 	begin := time.Now()
 	var wg sync.WaitGroup
 	for i, q := range o.Queues {
@@ -189,6 +200,8 @@ func Bench(ctx context.Context, f *Frontend, o BenchOptions) (BenchResult, error
 	}
 	wg.Wait()
 	res := BenchResult{Elapsed: time.Since(begin)}
+	k1, s1 := stats()
+	res.Kicks, res.Sleeps = k1-k0, s1-s0
 	var lat []time.Duration
 	var err error
 	for _, w := range ws {

@@ -346,3 +346,16 @@ func (f *Frontend) InFlight(q int) int {
 	defer qq.mu.Unlock()
 	return qq.inflight
 }
+
+// QueueStats counts, since the queue started, the kicks the frontend sent
+// (kick-eventfd writes) and the times it slept in poll(2) for a call:
+// the notifications a backend costs its frontend.
+func (f *Frontend) QueueStats(q int) (kicks, sleeps uint64) {
+	if f.checkQueue(q) != nil {
+		return 0, 0
+	}
+	qq := f.queues[q]
+	qq.mu.Lock()
+	defer qq.mu.Unlock()
+	return qq.kicks, qq.sleeps
+}

@@ -96,6 +96,10 @@ type queue struct {
 
 	reqs     []*Request // in flight, by head or id
 	inflight int
+
+	// kicks and sleeps count kick-eventfd writes and waits in poll(2), the
+	// frontend's notification cost (QueueStats).
+	kicks, sleeps uint64
 	done     []*Request // completed, not yet returned
 	ret      []*Request // returned by the last Reap
 
@@ -462,6 +466,7 @@ func (q *queue) publish(oldAvail uint16, added int) error {
 		}
 	}
 	if kick {
+		q.kicks++
 		if _, err := unix.Write(q.kickFD, q.kickBuf[:]); err != nil && err != unix.EAGAIN {
 			return fmt.Errorf("frontend: kick queue %d: %w", q.index, err)
 		}
@@ -605,6 +610,7 @@ func (q *queue) wait(done func() bool, need func() int, timeout time.Duration) e
 			ms = int((left + time.Millisecond - 1) / time.Millisecond)
 		}
 		q.waiters++
+		q.sleeps++
 		pfd := q.pfd
 		q.mu.Unlock()
 		_, err := unix.Poll(pfd[:], ms)
