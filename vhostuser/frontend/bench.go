@@ -137,7 +137,9 @@ func Bench(ctx context.Context, f *Frontend, o BenchOptions) (BenchResult, error
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(o.Seed, uint64(q)+1))
 			seq := int64(q) * (blocks / int64(len(o.Queues)+1))
-			next := func(r *Request) {
+			// next aims r at its next block; now is when it is submitted
+			// (one clock read per batch, not per request).
+			next := func(r *Request, now time.Time) {
 				var b int64
 				if o.Random {
 					b = rng.Int64N(blocks)
@@ -146,16 +148,17 @@ func Bench(ctx context.Context, f *Frontend, o BenchOptions) (BenchResult, error
 					seq++
 				}
 				r.Sector = uint64(b) * uint64(o.BlockSize) / SectorSize
-				w.start[r.Tag] = time.Now()
+				w.start[r.Tag] = now
 			}
 			inflight := 0
 			stopping := false
+			now := time.Now()
 			for j := range w.reqs {
 				if !take() {
 					stopping = true
 					break
 				}
-				next(&w.reqs[j])
+				next(&w.reqs[j], now)
 				w.ptrs = append(w.ptrs, &w.reqs[j])
 			}
 			if err := f.SubmitBatch(q, w.ptrs); err != nil {
@@ -182,7 +185,7 @@ func Bench(ctx context.Context, f *Frontend, o BenchOptions) (BenchResult, error
 					}
 					w.lat = append(w.lat, now.Sub(w.start[r.Tag]))
 					if !stopping && ctx.Err() == nil && take() {
-						next(r)
+						next(r, now)
 						w.ptrs = append(w.ptrs, r)
 					} else {
 						stopping = true

@@ -97,11 +97,12 @@ type queue struct {
 	reqs     []*Request // in flight, by head or id
 	inflight int
 
-	// kicks and sleeps count kick-eventfd writes and waits in poll(2), the
-	// frontend's notification cost (QueueStats).
+	done []*Request // completed, not yet returned
+	ret  []*Request // returned by the last Reap
+
+	// kicks and sleeps count kick-eventfd writes and waits in poll(2),
+	// the frontend's notification cost (QueueStats).
 	kicks, sleeps uint64
-	done     []*Request // completed, not yet returned
-	ret      []*Request // returned by the last Reap
 
 	kickBuf [8]byte
 	pfd     [1]unix.PollFd
@@ -572,10 +573,9 @@ func (q *queue) collectPacked() {
 // wait blocks until done() holds, the timeout passes (negative: never) or
 // the queue breaks. Called with q.mu held; returns with it held.
 func (q *queue) wait(done func() bool, need func() int, timeout time.Duration) error {
+	// The deadline is set when the first sleep comes: a wait that finds
+	// its completions at once reads no clock.
 	var deadline time.Time
-	if timeout > 0 {
-		deadline = time.Now().Add(timeout)
-	}
 	var buf [8]byte
 	for {
 		q.collect()
@@ -603,6 +603,9 @@ func (q *queue) wait(done func() bool, need func() int, timeout time.Duration) e
 		}
 		ms := -1
 		if timeout > 0 {
+			if deadline.IsZero() {
+				deadline = time.Now().Add(timeout)
+			}
 			left := time.Until(deadline)
 			if left <= 0 {
 				return ErrTimeout
