@@ -9,9 +9,15 @@ import (
 	"blockbackend/graph/drivertest"
 )
 
-func TestConformance(t *testing.T) {
+func TestConformance(t *testing.T) { conformance(t, t.TempDir) }
+
+// TestConformanceTmpfs runs the suite on tmpfs, where I/O goes through
+// the file's mapping.
+func TestConformanceTmpfs(t *testing.T) { conformance(t, func() string { return tmpfsDir(t) }) }
+
+func conformance(t *testing.T, dir func() string) {
 	open := func(t *testing.T, g *graph.Graph, size int64) *graph.Node {
-		p := filepath.Join(t.TempDir(), "img")
+		p := filepath.Join(dir(), "img")
 		if err := os.WriteFile(p, nil, 0o644); err != nil {
 			t.Fatal(err)
 		}

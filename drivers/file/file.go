@@ -127,6 +127,7 @@ type node struct {
 	align    int64 // request (offset and length) alignment for fd
 	memAlign int64 // buffer address alignment for fd
 
+	mapped  *mapping     // shared mapping of a tmpfs file (not direct), or nil
 	bounce  *sync.Pool   // *[]byte of bounceSize, memAlign-aligned (direct only)
 	tracker rangeTracker // overlapping writes vs read-modify-write (direct only)
 
@@ -256,9 +257,12 @@ type ioFiles struct {
 	readOnly        bool
 	direct          bool
 	align, memAlign int64
+	mapped          *mapping
 }
 
 func (f *ioFiles) close() {
+	f.mapped.close()
+	f.mapped = nil
 	if f.bfd >= 0 && f.bfd != f.fd {
 		_ = unix.Close(f.bfd)
 	}
@@ -292,6 +296,7 @@ func openIO(path string, readOnly, direct bool) (*ioFiles, error) {
 		return nil, qapi.Errorf(qapi.GenericError, "'file' driver requires '%s' to be a regular file", path)
 	}
 	if !direct {
+		f.mapped = newMapping(fd, !readOnly)
 		return f, nil
 	}
 	// The O_DIRECT descriptor is a second open rather than fcntl(F_SETFL)
@@ -311,6 +316,7 @@ func openIO(path string, readOnly, direct bool) (*ioFiles, error) {
 func (n *node) setIO(f *ioFiles) {
 	n.fd, n.bfd, n.readOnly, n.direct = f.fd, f.bfd, f.readOnly, f.direct
 	n.align, n.memAlign = f.align, f.memAlign
+	n.mapped = f.mapped
 	n.bounce = nil
 	if f.direct {
 		n.bounce = newBouncePool(f.align, f.memAlign)
@@ -318,13 +324,14 @@ func (n *node) setIO(f *ioFiles) {
 }
 
 func (n *node) ioFiles() *ioFiles {
-	return &ioFiles{fd: n.fd, bfd: n.bfd, readOnly: n.readOnly, direct: n.direct, align: n.align, memAlign: n.memAlign}
+	return &ioFiles{fd: n.fd, bfd: n.bfd, readOnly: n.readOnly, direct: n.direct, align: n.align, memAlign: n.memAlign,
+		mapped: n.mapped}
 }
 
 func (n *node) closeIO() {
 	f := n.ioFiles()
 	f.close()
-	n.fd, n.bfd = -1, -1
+	n.fd, n.bfd, n.mapped = -1, -1, nil
 }
 
 // Close releases the I/O descriptors, the locks and the lock descriptor.

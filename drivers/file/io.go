@@ -20,6 +20,9 @@ func (n *node) ReadV(ctx context.Context, off int64, iov [][]byte) error {
 	if n.direct && !n.aligned(off, iov) {
 		return n.bounceRead(off, iov)
 	}
+	if n.mapped != nil && n.mapped.read(off, iov) {
+		return nil
+	}
 	err := readFull(n.fd, off, iov, n.align)
 	if err == unix.EINVAL && n.direct {
 		// The kernel wanted more alignment than we found out; the bounce
@@ -55,8 +58,21 @@ func (n *node) WriteV(ctx context.Context, off int64, iov [][]byte, flags graph.
 		}
 		return nil
 	}
+	if m := n.mapped; m != nil {
+		if m.write(off, iov) {
+			if fua {
+				if err := fdatasync(n.fd); err != nil {
+					return n.ioError("write", off, err)
+				}
+			}
+			return nil
+		}
+	}
 	if err := n.writeFUA(n.fd, off, iov, fua); err != nil {
 		return n.ioError("write", off, err)
+	}
+	if n.mapped != nil {
+		n.mapped.grew(off + iovBytes(iov))
 	}
 	return nil
 }

@@ -146,6 +146,9 @@ func (n *node) extendTo(end int64) error {
 	if err := unix.Ftruncate(n.fd, end); err != nil {
 		return fmt.Errorf("file: extending '%s' to %d bytes: %w", n.path, end, err)
 	}
+	if n.mapped != nil {
+		n.mapped.grew(end)
+	}
 	return nil
 }
 
@@ -203,7 +206,18 @@ func (n *node) Truncate(ctx context.Context, size int64, exact bool, prealloc st
 	if err != nil {
 		return err
 	}
-	return resize(ctx, n.bfd, n.path, cur, size, prealloc)
+	if n.mapped != nil && size < cur {
+		// No copy may go past the new end while the file shrinks (within
+		// its last page it would not fault, and would be lost).
+		n.mapped.shrink(size)
+	}
+	err = resize(ctx, n.bfd, n.path, cur, size, prealloc)
+	if n.mapped != nil {
+		// Grown or shrunk, or half-way through a failed full
+		// preallocation: take the size from the file.
+		n.mapped.resync()
+	}
+	return err
 }
 
 // resize grows or shrinks fd from cur to size with the preallocation mode.
