@@ -31,8 +31,9 @@ import (
 
 const (
 	tmpfsMagic = 0x01021994
-	mapChunk   = 1 << 30 // mappings are made in multiples of this
-	mapMax     = 1 << 46 // nor larger than this: the rest of a file uses syscalls
+	mapChunk   = 1 << 30  // mappings are made in multiples of this
+	mapMax     = 1 << 46  // nor larger than this: the rest of a file uses syscalls
+	mapReadMin = 64 << 10 // smaller reads use preadv (see read)
 )
 
 // mapping is a file's shared mapping; nil when the file is not mapped.
@@ -138,9 +139,22 @@ func (m *mapping) inside(off, n int64) ([]byte, bool) {
 
 // read copies [off, off+len(iov)) into iov; false sends the request to
 // the syscall path.
+//
+// A read fault on a hole of a tmpfs file allocates a page, where preadv
+// reads the hole as zeros and leaves it: a guest reading its sparse disk
+// would fill the file. So a read goes through the mapping only when
+// lseek(SEEK_HOLE) finds no hole in its range, and only when it is large
+// enough for that syscall to be worth its cost; small reads keep preadv.
 func (m *mapping) read(off int64, iov [][]byte) bool {
-	src, ok := m.inside(off, iovBytes(iov))
+	n := iovBytes(iov)
+	if n < mapReadMin {
+		return false
+	}
+	src, ok := m.inside(off, n)
 	if !ok {
+		return false
+	}
+	if h, err := unix.Seek(m.fd, off, unix.SEEK_HOLE); err != nil || h < off+n {
 		return false
 	}
 	return m.guard(func() {
