@@ -345,10 +345,27 @@ func (oc *OpenContext) OpenChild(ctx context.Context, name string, ref *ChildRef
 type CreateContext struct {
 	g   *Graph
 	log *slog.Logger
+
+	// Warn, when set, receives warnings meant for a person, which QEMU
+	// prints on stderr (the image tool prints them as qemu-img does);
+	// otherwise they go to the log.
+	Warn func(string)
 }
 
 // Logger for the create job.
 func (cc *CreateContext) Logger() *slog.Logger { return cc.log }
+
+// Warnf reports a warning meant for a person.
+func (cc *CreateContext) Warnf(format string, a ...any) {
+	msg := fmt.Sprintf(format, a...)
+	if cc.Warn != nil {
+		cc.Warn(msg)
+		return
+	}
+	if cc.log != nil {
+		cc.log.Warn(msg)
+	}
+}
 
 // Secret returns the value of the secret object id.
 func (cc *CreateContext) Secret(id string) ([]byte, error) { return cc.g.Objects.Secret(id) }

@@ -315,6 +315,7 @@ func (t *Tool) createImage(r createReq) error {
 	}
 	defer g.Close()
 	cc := g.NewCreateContext(t.Log)
+	cc.Warn = func(msg string) { t.warnf("%s", msg) }
 	// The protocol layer: the whole image for fmt=file, else an empty
 	// file the format then fills.
 	protoT.set("filename", r.filename)

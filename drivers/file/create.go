@@ -105,8 +105,9 @@ func create(ctx context.Context, cc *graph.CreateContext, o any) error {
 		setNoCOW(fd)
 	}
 	if hint > 0 {
-		if err := setExtentSizeHint(fd, uint32(hint)); err != nil && opts.ExtentSizeHint != nil && log != nil {
-			log.Debug("could not set the extent size hint", "filename", path, "err", err)
+		if err := setExtentSizeHint(fd, uint32(hint)); err != nil && opts.ExtentSizeHint != nil {
+			// Only a hint the user asked for is worth a warning, as in QEMU.
+			cc.Warnf("Failed to set extent size hint: %v", errnoText(err))
 		}
 	}
 	size := int64(opts.Size)
