@@ -1,6 +1,8 @@
 package img
 
 import (
+	"golang.org/x/sys/unix"
+
 	"bytes"
 	"os"
 	"os/exec"
@@ -385,4 +387,26 @@ func TestHelpAndVersion(t *testing.T) {
 	if r.code != 0 || !strings.HasPrefix(r.stdout, "qemu-img version 7.2") {
 		t.Errorf("--version: %+v", r)
 	}
+}
+
+// TestInteropTmpfs runs steps on tmpfs, where the file driver copies
+// through a mapping and the extent size hint cannot be set (qemu-img
+// warns when it was asked for).
+func TestInteropTmpfs(t *testing.T) {
+	var fs unix.Statfs_t
+	if err := unix.Statfs("/dev/shm", &fs); err != nil || fs.Type != 0x01021994 {
+		t.Skip("no tmpfs at /dev/shm")
+	}
+	t.Setenv("TMPDIR", "/dev/shm")
+	runScript(t, []step{
+		s("img", "create", "-f", "raw", "-o", "extent_size_hint=1M", "a.raw", "4M"),
+		s("img", "create", "-f", "qcow2", "-o", "extent_size_hint=64k", "a.qcow2", "4M"),
+		s("img", "create", "-q", "-f", "raw", "b.raw", "4M"),
+		s("io", "-f", "raw", "-c", "write -P 5 1M 1M", "-c", "write -P 6 3M 4k", "b.raw"),
+		s("img", "convert", "-O", "qcow2", "b.raw", "b.qcow2"),
+		s("img", "convert", "-O", "raw", "b.qcow2", "c.raw"),
+		s("img", "map", "--output=json", "-f", "raw", "c.raw"),
+		s("img", "compare", "b.raw", "c.raw"),
+		s("img", "compare", "b.raw", "b.qcow2"),
+	})
 }
