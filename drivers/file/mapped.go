@@ -3,6 +3,7 @@ package file
 import (
 	"runtime"
 	"runtime/debug"
+	"strconv"
 	"sync"
 	"sync/atomic"
 
@@ -56,6 +57,9 @@ type mapView struct {
 // newMapping maps fd when it is a tmpfs file; otherwise, or when mmap
 // fails, it returns nil and I/O goes through syscalls.
 func newMapping(fd int, writable bool) *mapping {
+	if strconv.IntSize < 64 {
+		return nil // no address space for mappings of image size
+	}
 	var fs unix.Statfs_t
 	if err := unix.Fstatfs(fd, &fs); err != nil || fs.Type != tmpfsMagic {
 		return nil
