@@ -186,6 +186,14 @@ type Driver struct {
 	// ParseFilename turns a filename with this driver's prefix into
 	// options (for example "nbd://h:10809/e" into server.host etc.).
 	ParseFilename func(filename string) (map[string]any, error)
+	// StrongOptions, when set, returns those of a node's decoded options
+	// (the NewOptions struct) that change what the node reads — QEMU's
+	// strong runtime options, such as raw's offset and size — by the
+	// dotted names QEMU prints in a json: filename ("encrypt.key-secret"),
+	// with JSON-typed values. A node with any of them set shows a json:
+	// filename (Node.QueryFilename). Options naming children are not
+	// among them: the graph adds those.
+	StrongOptions func(opts any) map[string]any
 }
 
 var registry = struct {

@@ -13,6 +13,13 @@ type BackingFiler interface {
 	BackingFile() (name, format string)
 }
 
+// SnapshotLister is an optional capability of formats with internal
+// snapshots: the list as the open image knows it, without I/O (what
+// query-named-block-nodes shows as "snapshots").
+type SnapshotLister interface {
+	SnapshotList() []SnapshotInfo
+}
+
 // DirtyReporter is an optional capability of formats that record whether
 // the image was closed cleanly (qcow2's dirty bit with lazy refcounts):
 // img info's "dirty-flag" and "cleanly shut down: no".

@@ -165,11 +165,15 @@ func (g *Graph) openChild(ctx context.Context, oc *OpenContext, name string, ref
 	} else {
 		opts := qapi.Clone(ref.Options)
 		inheritChildOptions(opts, parent.common, role, ref.Mode)
+		before := len(g.order)
 		c, err := g.openNodeLocked(ctx, opts, ref.Mode, oc.txn)
 		if err != nil {
 			return nil, err
 		}
 		child, created = c, true
+		if name == "file" && !parent.driver.Protocol {
+			g.orderBefore(parent, before)
+		}
 	}
 	edge := &Child{name: name, role: role, parent: parent, node: child}
 	if err := g.updatePermsLocked(&permChange{add: []*Child{edge}}); err != nil {
@@ -299,4 +303,21 @@ func (g *Graph) SetUserPerm(c *Child, perm, shared Perm) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.updatePermsLocked(&permChange{userPerm: map[*Child][2]Perm{c: {perm, shared}}})
+}
+
+// orderBefore moves the nodes created since g.order had length from to
+// just before parent. QEMU opens a format node's file child before the
+// node itself (and its other children after), and its node list, which
+// query-named-block-nodes shows newest first, is in that order.
+func (g *Graph) orderBefore(parent *Node, from int) {
+	moved := append([]*Node(nil), g.order[from:]...)
+	rest := g.order[:from]
+	out := make([]*Node, 0, len(g.order))
+	for _, n := range rest {
+		if n == parent {
+			out = append(out, moved...)
+		}
+		out = append(out, n)
+	}
+	g.order = out
 }

@@ -3,7 +3,6 @@ package graph
 import (
 	"context"
 	"fmt"
-	"os"
 	"sort"
 	"syscall"
 
@@ -13,14 +12,34 @@ import (
 
 // ImageInfo is QAPI's ImageInfo as query-named-block-nodes shows it.
 type ImageInfo struct {
-	Filename       string         `json:"filename"`
-	Format         string         `json:"format"`
-	DirtyFlag      bool           `json:"dirty-flag"`
-	ActualSize     *int64         `json:"actual-size,omitempty"`
-	VirtualSize    int64          `json:"virtual-size"`
-	BackingFile    string         `json:"backing-filename,omitempty"`
-	FormatSpecific map[string]any `json:"format-specific,omitempty"`
-	BackingImage   *ImageInfo     `json:"backing-image,omitempty"`
+	Filename    string `json:"filename"`
+	Format      string `json:"format"`
+	DirtyFlag   bool   `json:"dirty-flag"`
+	ActualSize  *int64 `json:"actual-size,omitempty"`
+	VirtualSize int64  `json:"virtual-size"`
+	ClusterSize int64  `json:"cluster-size,omitempty"`
+	Encrypted   bool   `json:"encrypted,omitempty"`
+	// BackingFile and BackingFormat are the names the image records;
+	// FullBackingFile is BackingFile resolved against the image's
+	// directory. All three show whether or not a backing child is open.
+	BackingFile     string         `json:"backing-filename,omitempty"`
+	BackingFormat   string         `json:"backing-filename-format,omitempty"`
+	FullBackingFile string         `json:"full-backing-filename,omitempty"`
+	Snapshots       []SnapshotJSON `json:"snapshots,omitempty"`
+	FormatSpecific  map[string]any `json:"format-specific,omitempty"`
+	BackingImage    *ImageInfo     `json:"backing-image,omitempty"`
+}
+
+// SnapshotJSON is QAPI's SnapshotInfo.
+type SnapshotJSON struct {
+	ID          string `json:"id"`
+	Name        string `json:"name"`
+	VMStateSize uint64 `json:"vm-state-size"`
+	DateSec     int64  `json:"date-sec"`
+	DateNsec    int64  `json:"date-nsec"`
+	VMClockSec  int64  `json:"vm-clock-sec"`
+	VMClockNsec int64  `json:"vm-clock-nsec"`
+	ICount      *int64 `json:"icount,omitempty"`
 }
 
 // CacheInfo is BlockdevCacheInfo.
@@ -32,11 +51,13 @@ type CacheInfo struct {
 
 // NodeInfo is QAPI's BlockDeviceInfo.
 type NodeInfo struct {
-	File             string    `json:"file"`
-	NodeName         string    `json:"node-name"`
-	RO               bool      `json:"ro"`
-	Drv              string    `json:"drv"`
-	BackingFile      string    `json:"backing_file,omitempty"`
+	File     string `json:"file"`
+	NodeName string `json:"node-name"`
+	RO       bool   `json:"ro"`
+	Drv      string `json:"drv"`
+	// BackingFile is the backing child's filename (absent without one).
+	BackingFile string `json:"backing_file,omitempty"`
+	// BackingFileDepth counts the nested backing images: 0 with flat.
 	BackingFileDepth int       `json:"backing_file_depth"`
 	Encrypted        bool      `json:"encrypted"`
 	DetectZeroes     string    `json:"detect_zeroes"`
@@ -54,7 +75,8 @@ type NodeInfo struct {
 }
 
 // QueryNodes answers query-named-block-nodes. With flat, backing images
-// are not nested in "image".
+// are not nested in "image". Checked side by side with
+// qemu-storage-daemon 7.2 (tests/query_e2e_test.go).
 func (g *Graph) QueryNodes(flat bool) []NodeInfo {
 	nodes := g.Nodes()
 	out := make([]NodeInfo, 0, len(nodes))
@@ -63,7 +85,7 @@ func (g *Graph) QueryNodes(flat bool) []NodeInfo {
 		n := nodes[i]
 		c := n.Common()
 		info := NodeInfo{
-			File:         n.Filename(),
+			File:         n.QueryFilename(),
 			NodeName:     n.name,
 			RO:           n.ReadOnly(),
 			Drv:          n.driver.Name,
@@ -73,15 +95,10 @@ func (g *Graph) QueryNodes(flat bool) []NodeInfo {
 			DirtyBitmaps: n.BitmapInfos(),
 		}
 		if b := n.Child("backing"); b != nil {
-			info.BackingFile = b.node.Filename()
-			for d := b.node; d != nil; {
-				info.BackingFileDepth++
-				bc := d.Child("backing")
-				if bc == nil {
-					break
-				}
-				d = bc.node
-			}
+			info.BackingFile = b.node.QueryFilename()
+		}
+		for im := info.Image.BackingImage; im != nil; im = im.BackingImage {
+			info.BackingFileDepth++
 		}
 		if e, ok := n.Instance().(interface{ Encrypted() bool }); ok {
 			info.Encrypted = e.Encrypted()
@@ -92,27 +109,83 @@ func (g *Graph) QueryNodes(flat bool) []NodeInfo {
 }
 
 func (n *Node) imageInfo(nested bool) ImageInfo {
-	fn := n.Filename()
-	info := ImageInfo{Filename: fn, Format: n.driver.Name, VirtualSize: n.SizeNow()}
-	if fn != "" {
-		if st, err := os.Stat(fn); err == nil {
-			if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-				sz := sys.Blocks * 512
-				info.ActualSize = &sz
+	info := ImageInfo{
+		Filename: n.QueryFilename(),
+		Format:   n.driver.Name,
+		// QEMU counts lengths in 512-byte sectors, rounding up.
+		VirtualSize: (n.SizeNow() + 511) &^ 511,
+	}
+	if sz, ok := n.allocatedSize(); ok {
+		info.ActualSize = &sz
+	}
+	inst := n.Instance()
+	if cs, ok := inst.(interface{ ClusterSize() int64 }); ok && cs.ClusterSize() > 0 {
+		info.ClusterSize = cs.ClusterSize()
+	}
+	if d, ok := inst.(DirtyReporter); ok {
+		info.DirtyFlag = d.Dirty()
+	}
+	if e, ok := inst.(interface{ Encrypted() bool }); ok {
+		info.Encrypted = e.Encrypted()
+	}
+	if i, ok := inst.(Infoer); ok {
+		info.FormatSpecific = i.Info()
+	}
+	if sl, ok := inst.(SnapshotLister); ok {
+		for _, s := range sl.SnapshotList() {
+			j := SnapshotJSON{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize, DateSec: s.DateSec, DateNsec: s.DateNsec,
+				VMClockSec: s.VMClockNsec / 1e9, VMClockNsec: s.VMClockNsec % 1e9}
+			if s.ICount >= 0 {
+				j.ICount = &s.ICount
+			}
+			info.Snapshots = append(info.Snapshots, j)
+		}
+	}
+	if bf, ok := inst.(BackingFiler); ok {
+		info.BackingFile, info.BackingFormat = bf.BackingFile()
+		if info.BackingFile != "" {
+			info.FullBackingFile = info.BackingFile
+			if fc := n.Child("file"); fc != nil {
+				info.FullBackingFile = ResolveImageName(fc.node, info.BackingFile)
 			}
 		}
 	}
-	if i, ok := n.Instance().(Infoer); ok {
-		info.FormatSpecific = i.Info()
-	}
-	if b := n.Child("backing"); b != nil {
-		info.BackingFile = b.node.Filename()
-		if nested {
-			bi := b.node.imageInfo(true)
-			info.BackingImage = &bi
-		}
+	if b := n.Child("backing"); b != nil && nested {
+		bi := b.node.imageInfo(true)
+		info.BackingImage = &bi
 	}
 	return info
+}
+
+// allocatedSize is the space the node's files take on the host
+// (st_blocks), summed over its children but not its backing chain: a
+// qcow2 node with a data file counts both files, as QEMU does.
+func (n *Node) allocatedSize() (int64, bool) {
+	seen := map[*Node]bool{}
+	var total int64
+	found := false
+	var walk func(x *Node)
+	walk = func(x *Node) {
+		if seen[x] {
+			return
+		}
+		seen[x] = true
+		if x.driver.Protocol {
+			var st syscall.Stat_t
+			if fn := x.Filename(); fn != "" && syscall.Stat(fn, &st) == nil {
+				total += st.Blocks * 512
+				found = true
+			}
+			return
+		}
+		for _, c := range x.Children() {
+			if c.role&RoleCOW == 0 {
+				walk(c.node)
+			}
+		}
+	}
+	walk(n)
+	return total, found
 }
 
 // GraphDump is x-debug-query-block-graph's answer.

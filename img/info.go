@@ -89,7 +89,9 @@ func backingOf(n *graph.Node, filename string) (name, format, full string) {
 		return "", "", ""
 	}
 	full = name
-	if c != nil {
+	if strings.HasPrefix(name, "json:") {
+		// A json: name is its own full name, chain opened or not.
+	} else if c != nil {
 		full = c.Node().Filename()
 	} else if !strings.HasPrefix(name, "/") && !strings.HasPrefix(name, "json:") && !strings.Contains(name, ":") {
 		if d := filepath.Dir(filename); d != "." {
@@ -216,7 +218,9 @@ func (t *Tool) info(args []string) int {
 		}
 		n = c.Node()
 		fn, _ = m["full-backing-filename"].(string)
-		if fn == "" {
+		// qemu-img names a backing image opened from a json: name by
+		// the node's own filename.
+		if fn == "" || strings.HasPrefix(fn, "json:") {
 			fn = n.Filename()
 		}
 	}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"unicode/utf16"
 	"unicode/utf8"
+
+	"blockbackend/qmp/qapi"
 )
 
 // This file is the JSON layer of the wire: a lexer and a "streamer" that
@@ -668,26 +670,13 @@ func validCodepoint(r rune) bool {
 
 // ---- encoding ----
 
-// qdictBucket is the bucket of key in QEMU's QDict hash table (512
-// buckets, the TDB string hash). QEMU prints a dictionary bucket by
-// bucket, and within a bucket newest member first; matching that gives
-// QEMU's member order on the wire ({"return": ..., "id": ...} but
-// {"id": ..., "error": ...}; "micro", "minor", "major").
-func qdictBucket(key string) uint32 {
-	v := uint32(0x238F13AF) * uint32(len(key))
-	for i := 0; i < len(key); i++ {
-		v += uint32(key[i]) << (uint(i) * 5 % 24)
-	}
-	return (1103515243*v + 12345) % 512
-}
-
 // order returns the indices of o's members in QEMU's printing order.
 func (o *object) order() []int {
 	idx := make([]int, len(o.keys))
 	b := make([]uint32, len(o.keys))
 	for i := range idx {
 		idx[i] = i
-		b[i] = qdictBucket(o.keys[i])
+		b[i] = qapi.QDictBucket(o.keys[i])
 	}
 	sort.SliceStable(idx, func(x, y int) bool {
 		if b[idx[x]] != b[idx[y]] {
@@ -779,59 +768,8 @@ func (e *encoder) value(v any, level int) {
 	}
 }
 
-const hexdigits = "0123456789ABCDEF"
-
-// str prints a string as QEMU does: ASCII controls and everything outside
-// printable ASCII as \uXXXX with upper-case hex (surrogate pairs above
-// the BMP), invalid UTF-8 as \uFFFD; '/' is not escaped.
-func (e *encoder) str(s string) {
-	e.buf = append(e.buf, '"')
-	u4 := func(r rune) {
-		e.buf = append(e.buf, '\\', 'u', hexdigits[r>>12&15], hexdigits[r>>8&15], hexdigits[r>>4&15], hexdigits[r&15])
-	}
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c < utf8.RuneSelf {
-			switch c {
-			case '"':
-				e.buf = append(e.buf, '\\', '"')
-			case '\\':
-				e.buf = append(e.buf, '\\', '\\')
-			case '\b':
-				e.buf = append(e.buf, '\\', 'b')
-			case '\f':
-				e.buf = append(e.buf, '\\', 'f')
-			case '\n':
-				e.buf = append(e.buf, '\\', 'n')
-			case '\r':
-				e.buf = append(e.buf, '\\', 'r')
-			case '\t':
-				e.buf = append(e.buf, '\\', 't')
-			default:
-				if c < 0x20 || c == 0x7F {
-					u4(rune(c))
-				} else {
-					e.buf = append(e.buf, c)
-				}
-			}
-			i++
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if c == 0xC0 && i+1 < len(s) && s[i+1] == 0x80 {
-			r, size = 0, 2
-		}
-		i += size
-		if r > 0xFFFF {
-			h, l := utf16.EncodeRune(r)
-			u4(h)
-			u4(l)
-			continue
-		}
-		u4(r) // RuneError for invalid bytes is U+FFFD
-	}
-	e.buf = append(e.buf, '"')
-}
+// str prints a string as QEMU does (qapi.AppendQuoted).
+func (e *encoder) str(s string) { e.buf = qapi.AppendQuoted(e.buf, s) }
 
 // formatNumber prints a JSON number literal the way QEMU prints the QNum
 // it parses to: an integer that fits int64 or uint64 as such, anything

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"blockbackend/qmp/qapi"
 )
 
 // split feeds input in one piece and returns each emitted value (encoded
@@ -194,7 +196,7 @@ func TestEncodePretty(t *testing.T) {
 func TestQDictBucket(t *testing.T) {
 	// Buckets computed from QEMU's observed orders: micro and minor share
 	// one, and id sorts between return and error.
-	if qdictBucket("micro") != qdictBucket("minor") || qdictBucket("return") >= qdictBucket("id") || qdictBucket("id") >= qdictBucket("error") {
+	if qapi.QDictBucket("micro") != qapi.QDictBucket("minor") || qapi.QDictBucket("return") >= qapi.QDictBucket("id") || qapi.QDictBucket("id") >= qapi.QDictBucket("error") {
 		t.Error("bucket order does not match QEMU's")
 	}
 }

@@ -182,6 +182,11 @@ func runDaemon(args []string) int {
 		return forkDaemon()
 	}
 
+	// Catch the signals before any option is applied: a monitor may
+	// already answer (and its client send SIGTERM) while later options
+	// are still being applied, and SIGTERM must still end in exit 0.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	d := &daemon{
 		log:      newLogger(),
 		chardevs: map[string]*chardev{},
@@ -223,8 +228,6 @@ func runDaemon(args []string) int {
 		}
 	}
 
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	select {
 	case <-sig:
 	case <-d.quit:

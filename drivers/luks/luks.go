@@ -38,6 +38,14 @@ func init() {
 		NewAmendOptions:  func() any { return &AmendOptions{} },
 		Measure:          measure,
 		Probe:            probe,
+		// The secret is QEMU's strong option: a node opened with one
+		// shows a json: filename.
+		StrongOptions: func(o any) map[string]any {
+			if s := o.(*Options).KeySecret; s != "" {
+				return map[string]any{"key-secret": s}
+			}
+			return nil
+		},
 	})
 }
 

@@ -108,6 +108,7 @@ func (img *image) reloadLocked(ctx context.Context) error {
 	img.headerDone = false
 	img.freeHint = 0
 	img.compCursor = 0
+	img.loadSnapshotList(ctx)
 	return img.reloadBitmapsLocked(ctx)
 }
 
@@ -120,6 +121,30 @@ func (img *image) Check(ctx context.Context, fix graph.CheckFix) (graph.CheckRes
 		return err
 	})
 	return res, err
+}
+
+// loadSnapshotList reads the snapshot table for SnapshotList, at open
+// (meta not yet shared) and after offline changes (meta held). A table
+// that cannot be read lists nothing here; the snapshot commands report
+// the error.
+func (img *image) loadSnapshotList(ctx context.Context) {
+	img.snapList = nil
+	if img.hdr.NbSnapshots == 0 {
+		return
+	}
+	snaps, err := listSnapshots(ctx, NodeStorage{img.file}, img.hdr)
+	if err != nil {
+		img.log.Warn("reading the snapshot table", "err", err)
+		return
+	}
+	img.snapList = snaps
+}
+
+// SnapshotList is graph.SnapshotLister.
+func (img *image) SnapshotList() []graph.SnapshotInfo {
+	img.meta.Lock()
+	defer img.meta.Unlock()
+	return append([]graph.SnapshotInfo(nil), img.snapList...)
 }
 
 // Snapshots is graph.Snapshotter.

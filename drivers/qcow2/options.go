@@ -133,7 +133,19 @@ func init() {
 		NewAmendOptions:       newAmendOptions,
 		NewQMPAmendOptions:    func() any { return &QMPAmendOptions{} },
 		Measure:               measureImage,
+		StrongOptions:         strongOptions,
 	})
+}
+
+// strongOptions: of qcow2's open options only the encryption secret
+// makes qemu-storage-daemon 7.2 show a json: filename (not encrypt.format,
+// the cache sizes or the discard passing).
+func strongOptions(o any) map[string]any {
+	opts := o.(*Options)
+	if s, ok := opts.Encrypt["key-secret"]; ok {
+		return map[string]any{"encrypt.key-secret": s}
+	}
+	return nil
 }
 
 // probe recognises the magic and a version we read.

@@ -69,9 +69,10 @@ type image struct {
 	// byte offset inside a host cluster allocated for compressed data),
 	// 0 when none.
 	compCursor int64
-	dirtySet   bool // the dirty bit is set on disk (lazy refcounts)
-	headerDone bool // the first-write header update (autoclear bits) is done
-	corrupt    bool // the corrupt bit is set: no more writes
+	dirtySet   bool                 // the dirty bit is set on disk (lazy refcounts)
+	snapList   []graph.SnapshotInfo // the snapshot table as read at open and after offline changes
+	headerDone bool                 // the first-write header update (autoclear bits) is done
+	corrupt    bool                 // the corrupt bit is set: no more writes
 	// corruptSeen: corruption was reported on a read-only image; it only
 	// silences further reports.
 	corruptSeen bool
@@ -118,6 +119,8 @@ var (
 	_ graph.BlockStatuser = (*image)(nil)
 	_ graph.Truncater     = (*image)(nil)
 	_ graph.Infoer        = (*image)(nil)
+	_ graph.BackingFiler  = (*image)(nil)
+	_ graph.DirtyReporter = (*image)(nil)
 )
 
 // DirtyRepair, when set, rebuilds the refcounts of an image whose dirty
@@ -236,6 +239,7 @@ func open(ctx context.Context, oc *graph.OpenContext, o any) (graph.Instance, er
 	if err := img.loadBitmaps(ctx); err != nil {
 		return nil, err
 	}
+	img.loadSnapshotList(ctx)
 	if opts.CacheCleanInterval != nil && *opts.CacheCleanInterval > 0 {
 		img.stopClean = make(chan struct{})
 		go img.cleaner(time.Duration(*opts.CacheCleanInterval)*time.Second, img.stopClean)
@@ -372,6 +376,22 @@ func (img *image) Size() (int64, error) { return img.size.Load(), nil }
 
 // ClusterSize is the unit of compressed writes.
 func (img *image) ClusterSize() int64 { return img.cs }
+
+// BackingFile is the backing file name and format the header records
+// (graph.BackingFiler).
+func (img *image) BackingFile() (name, format string) {
+	img.meta.Lock()
+	defer img.meta.Unlock()
+	return img.hdr.BackingFile, img.hdr.BackingFormat
+}
+
+// Dirty reports whether the dirty bit of lazy refcounts is set on disk
+// now (graph.DirtyReporter).
+func (img *image) Dirty() bool {
+	img.meta.Lock()
+	defer img.meta.Unlock()
+	return img.dirtySet
+}
 
 // Info is ImageInfoSpecificQCow2, as qemu-img info --output=json shows it.
 func (img *image) Info() map[string]any {

@@ -35,6 +35,17 @@ func init() {
 		Measure:               measure,
 		// Raw matches anything, with the lowest score: it is the fallback.
 		Probe: func([]byte, string) int { return 1 },
+		// offset and size pick a slice of the file: QEMU's strong options.
+		StrongOptions: func(o any) map[string]any {
+			opts, m := o.(*Options), map[string]any{}
+			if opts.Offset != nil {
+				m["offset"] = *opts.Offset
+			}
+			if opts.Size != nil {
+				m["size"] = *opts.Size
+			}
+			return m
+		},
 	})
 }
 
@@ -166,6 +177,17 @@ func (n *node) Truncate(ctx context.Context, size int64, exact bool, prealloc st
 }
 
 func (n *node) Close() error { return nil }
+
+// ClusterSize is the file child's, as QEMU's raw passes its file's
+// block info through (query-named-block-nodes shows a raw node over a
+// qcow2 node with the qcow2's cluster-size; the default granularity of
+// a bitmap on it follows); 0 over a plain file.
+func (n *node) ClusterSize() int64 {
+	if c, ok := n.file.Instance().(interface{ ClusterSize() int64 }); ok {
+		return c.ClusterSize()
+	}
+	return 0
+}
 
 // PrepareReopen allows a new slice; the file child stays (the graph checks).
 func (n *node) PrepareReopen(_ context.Context, o any, _ bool) (func(), func(), error) {
