@@ -57,7 +57,33 @@
 // contiguous run (an L1 table) goes to the end of the file with the blocks
 // it needs after it; the refcount table grows at the end of what it
 // describes. The file child is grown before anything is written past its
-// end.
+// end, to the end of the clusters taken, except for a new L1 table: the
+// file then ends right after its entries, mid-cluster, as qemu-img leaves
+// it (a file's size need not be a multiple of the cluster size; the next
+// allocation still starts on a cluster boundary, since free clusters are
+// found by their refcounts).
+//
+// # Created images
+//
+// create lays out what qemu-img 7.2 writes, byte for byte (img's
+// TestInteropQcow2CreateBytes cmp's them): header and extensions in
+// cluster 0, refcount table in 1, its block in 2, the L1 table in 3 on,
+// then for preallocation=metadata (which data-file-raw implies, as in
+// qemu-img) each L2 table before its data clusters. Known differences,
+// all from where new refcount metadata goes, each image still clean:
+//
+//   - when an allocation reaches a range with no refcount block yet
+//     (metadata preallocation past the first block's range, e.g. 128 MiB
+//     of 16 KiB clusters or 100 GiB of 64 KiB clusters; an L1 table
+//     larger than that range, e.g. 64 GiB of 512-byte clusters), QEMU puts
+//     the new block after the run it allocates, we in the first cluster of
+//     the block's range, and our refcount table grows elsewhere too;
+//   - preallocation=falloc/full: QEMU writes a new refcount table (and the
+//     blocks the whole area needs) right after the L1 table, frees the
+//     old table, puts all data clusters after it and the L2 tables where
+//     they then fit (the first in the old table's cluster); we interleave
+//     L2 tables and data as for metadata preallocation. Same file size
+//     and contents as seen by the guest.
 //
 // # Crash safety
 //

@@ -480,11 +480,13 @@ func (img *image) growL1Locked(ctx context.Context, n int) error {
 		return err
 	}
 	clusters := (int64(n)*8 + img.cs - 1) / img.cs
-	off, err := img.allocLocked(ctx, clusters)
+	// The file grows over the table's entries only, as QEMU's does; in
+	// clusters that lay inside the file the rest of them is zeroed.
+	off, err := img.allocUsedLocked(ctx, clusters, int64(n)*8)
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, clusters*img.cs)
+	buf := make([]byte, max(int64(n)*8, min(clusters*img.cs, img.file.SizeNow()-off)))
 	for i, e := range img.l1 {
 		be.PutUint64(buf[i*8:], e)
 	}

@@ -210,6 +210,17 @@ func (img *image) allocRunLocked(ctx context.Context, n int64) (int64, int64, er
 // clusters lay past the end of the file (they read as zeros, so copy on
 // write from zeros can be skipped).
 func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int64, bool, error) {
+	return img.allocRunUsedLocked(ctx, n, n*img.cs)
+}
+
+// allocRunUsedLocked is allocRunVirginLocked for a caller that writes
+// only the first used bytes of the run: a run at the end of the file
+// grows the file over those bytes only, not to the end of its last
+// cluster. QEMU leaves a new L1 table so (a 64 MiB image of 64 KiB
+// clusters ends 8 bytes into cluster 3), and the next allocation still
+// starts at a cluster boundary: clusters are found by their refcounts,
+// never by the file's size.
+func (img *image) allocRunUsedLocked(ctx context.Context, n, used int64) (int64, int64, bool, error) {
 	k := img.freeHint
 	for {
 		free, err := img.freeClusterLocked(ctx, k)
@@ -236,7 +247,7 @@ func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int
 	// Past the end of the file, bytes read as zeros; the file only ever
 	// grows to the end of clusters just claimed, so that end is exact.
 	virgin := k*img.cs >= img.file.SizeNow()
-	if err := img.takeLocked(ctx, k, got); err != nil {
+	if err := img.takeUsedLocked(ctx, k, got, min(used, got*img.cs)); err != nil {
 		return 0, 0, false, err
 	}
 	if k == img.freeHint {
@@ -262,7 +273,13 @@ func (img *image) freeClusterLocked(ctx context.Context, c int64) (bool, error) 
 // takeLocked sets the refcounts of clusters [k, k+n) to 1, growing the
 // file over them.
 func (img *image) takeLocked(ctx context.Context, k, n int64) error {
-	if err := img.growFileLocked(ctx, img.file, (k+n)*img.cs); err != nil {
+	return img.takeUsedLocked(ctx, k, n, n*img.cs)
+}
+
+// takeUsedLocked is takeLocked growing the file over the first used bytes
+// of the clusters only.
+func (img *image) takeUsedLocked(ctx context.Context, k, n, used int64) error {
+	if err := img.growFileLocked(ctx, img.file, k*img.cs+used); err != nil {
 		return err
 	}
 	for c := k; c < k+n; c++ {
@@ -278,8 +295,14 @@ func (img *image) takeLocked(ctx context.Context, k, n int64) error {
 // end of the file, with the refcount blocks its ranges lack right after
 // it, so that no block lands inside the run.
 func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
+	return img.allocUsedLocked(ctx, n, n*img.cs)
+}
+
+// allocUsedLocked is allocLocked for a caller that writes only the first
+// used bytes of the clusters (see allocRunUsedLocked).
+func (img *image) allocUsedLocked(ctx context.Context, n, used int64) (int64, error) {
 	if n == 1 {
-		off, _, err := img.allocRunLocked(ctx, 1)
+		off, _, _, err := img.allocRunUsedLocked(ctx, 1, used)
 		return off, err
 	}
 	per := img.geo.RefcountBlockEntries()
@@ -328,7 +351,11 @@ func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
 			}
 			continue
 		}
-		if err := img.growFileLocked(ctx, img.file, (e+n+b)*img.cs); err != nil {
+		fileEnd := (e + n + b) * img.cs
+		if b == 0 {
+			fileEnd = e*img.cs + used
+		}
+		if err := img.growFileLocked(ctx, img.file, fileEnd); err != nil {
 			return 0, err
 		}
 		// New blocks at e+n.., entered in the table in memory first so
