@@ -69,21 +69,21 @@
 // TestInteropQcow2CreateBytes cmp's them): header and extensions in
 // cluster 0, refcount table in 1, its block in 2, the L1 table in 3 on,
 // then for preallocation=metadata (which data-file-raw implies, as in
-// qemu-img) each L2 table before its data clusters. Known differences,
-// all from where new refcount metadata goes, each image still clean:
+// qemu-img) each L2 table before its data clusters. For falloc and full
+// (create and resize alike) qemu-img writes, from the first cluster past
+// the file's end, the refcount blocks the whole area needs and a new
+// refcount table, frees the old table, puts all data clusters in one run
+// after it and then the L2 tables where they fit; so do we.
 //
-//   - when an allocation reaches a range with no refcount block yet
-//     (metadata preallocation past the first block's range, e.g. 128 MiB
-//     of 16 KiB clusters or 100 GiB of 64 KiB clusters; an L1 table
-//     larger than that range, e.g. 64 GiB of 512-byte clusters), QEMU puts
-//     the new block after the run it allocates, we in the first cluster of
-//     the block's range, and our refcount table grows elsewhere too;
-//   - preallocation=falloc/full: QEMU writes a new refcount table (and the
-//     blocks the whole area needs) right after the L1 table, frees the
-//     old table, puts all data clusters after it and the L2 tables where
-//     they then fit (the first in the old table's cluster); we interleave
-//     L2 tables and data as for metadata preallocation. Same file size
-//     and contents as seen by the guest.
+// Known differences, each image still clean and reading the same: a
+// falloc/full resize from a size inside an allocated cluster keeps that
+// cluster where it is, where QEMU copies it into the new area and frees
+// it; and, from where new refcount metadata goes, when an allocation reaches a range with no refcount block
+// yet (metadata preallocation past the first block's range, e.g. 128 MiB
+// of 16 KiB clusters or 100 GiB of 64 KiB clusters; an L1 table larger
+// than that range, e.g. 64 GiB of 512-byte clusters), QEMU puts the new
+// block after the run it allocates, we in the first cluster of the
+// block's range, and our refcount table then grows elsewhere too.
 //
 // # Crash safety
 //

@@ -525,6 +525,9 @@ func (img *image) growL1Locked(ctx context.Context, n int) error {
 func (img *image) preallocate(ctx context.Context, from, to int64, mode string) error {
 	img.meta.Lock()
 	defer img.meta.Unlock()
+	if (mode == "falloc" || mode == "full") && !img.extData {
+		return img.preallocateAreaLocked(ctx, from, to, mode)
+	}
 	cs := img.cs
 	var end int64
 	for c := from / cs * cs; c < to; c += cs {
