@@ -37,6 +37,11 @@ func TestInteropQcow2CreateBytes(t *testing.T) {
 		{"64M", "preallocation=metadata"},
 		{"64M", "preallocation=metadata,extended_l2=on"},
 		{"64M", "preallocation=metadata,compat=0.10"},
+		// Metadata preallocation past the first refcount block's range:
+		// the next block follows the data run that reaches its range.
+		{"64M", "preallocation=metadata,cluster_size=4k"},
+		{"128M", "preallocation=metadata,cluster_size=16k,extended_l2=on"},
+		{"8M", "preallocation=metadata,cluster_size=512,refcount_bits=1"},
 		{"64M", "preallocation=falloc"},
 		{"64M", "preallocation=full"},
 		{"0", "preallocation=falloc"},

@@ -52,11 +52,13 @@
 //
 // Host clusters come from the first free cluster on (a hint remembers
 // where that is); a write takes the longest free run there, up to what it
-// needs. A refcount block that does not exist yet is created in the first
-// cluster of the range it describes (it then counts itself); a longer
-// contiguous run (an L1 table) goes to the end of the file with the blocks
-// it needs after it; the refcount table grows at the end of what it
-// describes. The file child is grown before anything is written past its
+// needs. A cluster whose range has no refcount block yet counts as free;
+// when a run takes it, the block is created at the first free cluster
+// after the run (it counts itself when it lies in its own range), which
+// is where QEMU puts it. A longer contiguous run (an L1 table) goes to the
+// end of the file with the blocks it needs after it; the refcount table
+// grows at the end of what it describes, before a run may reach past it.
+// The file child is grown before anything is written past its
 // end, to the end of the clusters taken, except for a new L1 table: the
 // file then ends right after its entries, mid-cluster, as qemu-img leaves
 // it (a file's size need not be a multiple of the cluster size; the next
@@ -78,12 +80,11 @@
 // Known differences, each image still clean and reading the same: a
 // falloc/full resize from a size inside an allocated cluster keeps that
 // cluster where it is, where QEMU copies it into the new area and frees
-// it; and, from where new refcount metadata goes, when an allocation reaches a range with no refcount block
-// yet (metadata preallocation past the first block's range, e.g. 128 MiB
-// of 16 KiB clusters or 100 GiB of 64 KiB clusters; an L1 table larger
-// than that range, e.g. 64 GiB of 512-byte clusters), QEMU puts the new
-// block after the run it allocates, we in the first cluster of the
-// block's range, and our refcount table then grows elsewhere too.
+// it; and where the refcount table goes when it grows (images whose
+// metadata outgrows one cluster of table, e.g. 8 MiB preallocated or an
+// L1 table for 64 GiB, both with 512-byte clusters): QEMU interleaves the
+// new table with the blocks that follow, we put it after every cluster
+// the old table describes.
 //
 // # Crash safety
 //

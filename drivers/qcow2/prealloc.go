@@ -77,18 +77,7 @@ func (img *image) preallocateAreaLocked(ctx context.Context, from, to int64, mod
 	// The guest clusters to allocate and the L2 tables they lack.
 	var nData, nL2 int64
 	lastL1 := int64(-1)
-	unallocated := func(c int64) (bool, error) {
-		s, idx, _, err := img.l2SliceLocked(ctx, c)
-		if err != nil {
-			return false, err
-		}
-		if s != nil {
-			if e := img.geo.GetL2(s, idx); e.Offset() != 0 || e.Compressed() {
-				return false, nil
-			}
-		}
-		return true, nil
-	}
+	unallocated := func(c int64) (bool, error) { return img.unallocatedLocked(ctx, c) }
 	for c := from / cs * cs; c < to; c += cs {
 		if ok, err := unallocated(c); err != nil {
 			return err
@@ -235,4 +224,20 @@ func (img *image) preallocateAreaLocked(ctx context.Context, from, to int64, mod
 		host++
 	}
 	return img.syncLocked(ctx, false)
+}
+
+// unallocatedLocked reports whether guest cluster c has no host cluster
+// (neither a standard nor a compressed one) and needs one to be
+// preallocated.
+func (img *image) unallocatedLocked(ctx context.Context, c int64) (bool, error) {
+	s, idx, _, err := img.l2SliceLocked(ctx, c)
+	if err != nil {
+		return false, err
+	}
+	if s != nil {
+		if e := img.geo.GetL2(s, idx); e.Offset() != 0 || e.Compressed() {
+			return false, nil
+		}
+	}
+	return true, nil
 }

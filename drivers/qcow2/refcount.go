@@ -256,18 +256,91 @@ func (img *image) allocRunUsedLocked(ctx context.Context, n, used int64) (int64,
 	return k * img.cs, got, virgin, nil
 }
 
-// freeClusterLocked reports whether cluster c is free, creating the
-// refcount block of its range if it has none (the block then takes the
-// range's first cluster).
+// freeClusterLocked reports whether cluster c is free: a cluster whose
+// range has no refcount block yet is (its refcount is 0); the block is
+// created when the cluster is taken (coverLocked). A cluster past what the
+// refcount table can describe makes the table grow first: the new table
+// and its blocks go to the first clusters past that, which are free, so
+// they can never land inside a run being taken.
 func (img *image) freeClusterLocked(ctx context.Context, c int64) (bool, error) {
 	if c*img.cs > MaxHostOffset {
 		return false, fmt.Errorf("qcow2: image file too large: %w", syscall.EFBIG)
 	}
-	if err := img.ensureBlockLocked(ctx, c); err != nil {
-		return false, err
+	if ti, _ := img.geo.RefcountIndex(c * img.cs); ti >= uint64(len(img.rt)) {
+		if err := img.growRefcountTableLocked(ctx, ti); err != nil {
+			return false, err
+		}
 	}
 	rc, err := img.refcountLocked(ctx, c)
 	return rc == 0, err
+}
+
+// coverLocked makes sure cluster c's range has a refcount block, placing
+// a new one where QEMU does (observed): at the first free cluster from
+// after on (the caller passes the end of the run it is taking), so that
+// a run reaching a range without a block keeps its clusters together and
+// the block follows it. A block in its own range counts itself; one that
+// lands in another range without a block gets that range's block first.
+func (img *image) coverLocked(ctx context.Context, c, after int64) error {
+	ti, _ := img.geo.RefcountIndex(c * img.cs)
+	if ti >= uint64(len(img.rt)) {
+		if err := img.growRefcountTableLocked(ctx, ti); err != nil {
+			return err
+		}
+	}
+	if img.rt[ti]&OffsetMask != 0 {
+		return nil
+	}
+	per := img.geo.RefcountBlockEntries()
+	p := after
+	for {
+		free, err := img.freeClusterLocked(ctx, p)
+		if err != nil {
+			return err
+		}
+		if !free {
+			p++
+			continue
+		}
+		pti := uint64(p / per)
+		if pti == ti || (pti < uint64(len(img.rt)) && img.rt[pti]&OffsetMask != 0) {
+			break
+		}
+		// p lies in another range without a block: that block first
+		// (it takes p, counting itself), then look again.
+		if err := img.coverLocked(ctx, p, p); err != nil {
+			return err
+		}
+		if img.rt[ti]&OffsetMask != 0 {
+			return nil // the table grew and its blocks cover ti
+		}
+	}
+	off := p * img.cs
+	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
+		return err
+	}
+	b, err := img.rbc.getNew(ctx, off)
+	if err != nil {
+		return err
+	}
+	if uint64(p/per) == ti {
+		_ = SetRefcount(b, img.geo.RefcountOrder, p-int64(ti)*per, 1)
+	} else if err := img.setRefcountLocked(ctx, p, 1); err != nil {
+		img.rbc.drop(off, img.cs)
+		return err
+	}
+	// The block (and the refcount of its cluster) must be on disk before
+	// the table entry points at it: write them now; the table entry is
+	// written right away too (the table is written through), after a
+	// flush.
+	if _, err := img.rbc.flush(ctx); err != nil {
+		return err
+	}
+	if err := img.file.Flush(ctx); err != nil {
+		return err
+	}
+	img.rt[ti] = uint64(off)
+	return img.writeRefcountTableEntryLocked(ctx, ti)
 }
 
 // takeLocked sets the refcounts of clusters [k, k+n) to 1, growing the
@@ -283,6 +356,9 @@ func (img *image) takeUsedLocked(ctx context.Context, k, n, used int64) error {
 		return err
 	}
 	for c := k; c < k+n; c++ {
+		if err := img.coverLocked(ctx, c, k+n); err != nil {
+			return err
+		}
 		if err := img.setRefcountLocked(ctx, c, 1); err != nil {
 			return err
 		}
