@@ -32,6 +32,8 @@ func TestInteropQcow2CreateBytes(t *testing.T) {
 		{"64M", "extended_l2=on"},
 		{"64M", "compression_type=zstd"},
 		{"64M", "backing_file=base.raw,backing_fmt=raw"},
+		{"64M", "-b base.raw raw"},
+		{"", "-b base.raw raw cluster_size=4k"},
 		{"64M", "backing_file=base.raw,backing_fmt=raw,cluster_size=16k,extended_l2=on,preallocation=metadata"},
 		{"64M", "preallocation=off"},
 		{"64M", "preallocation=metadata"},
@@ -66,13 +68,23 @@ func TestInteropQcow2CreateBytes(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.size+","+c.opts, func(t *testing.T) {
 			qdir, odir := t.TempDir(), t.TempDir()
+			needBase := strings.Contains(c.opts, "base.raw")
 			args := []string{"create", "-q", "-f", "qcow2"}
+			if rest, ok := strings.CutPrefix(c.opts, "-b "); ok {
+				// The command line's -b FILE -F FMT.
+				f := strings.Fields(rest)
+				args = append(args, "-b", f[0], "-F", f[1])
+				c.opts = strings.Join(f[2:], "")
+			}
 			if c.opts != "" {
 				args = append(args, "-o", c.opts)
 			}
-			args = append(args, "img.qcow2", c.size)
+			args = append(args, "img.qcow2")
+			if c.size != "" {
+				args = append(args, c.size) // else the backing file's
+			}
 			for _, d := range []string{qdir, odir} {
-				if strings.Contains(c.opts, "base.raw") {
+				if needBase {
 					if r := runTool(t, d, "qemu-img", "create", "-q", "-f", "raw", "base.raw", "64M"); r.code != 0 {
 						t.Fatalf("base: %+v", r)
 					}
