@@ -51,7 +51,7 @@ func (img *image) setRefcountLocked(ctx context.Context, k int64, v uint64) erro
 func (img *image) addRefLocked(ctx context.Context, off, length int64, delta int) error {
 	first, last := off/img.cs, (off+length-1)/img.cs
 	for k := first; k <= last; k++ {
-		if err := img.ensureBlockLocked(ctx, k); err != nil {
+		if err := img.coverLocked(ctx, k, last+1); err != nil {
 			return err
 		}
 		rc, err := img.refcountLocked(ctx, k)
@@ -72,44 +72,6 @@ func (img *image) addRefLocked(ctx context.Context, off, length int64, delta int
 		}
 	}
 	return nil
-}
-
-// ensureBlockLocked makes sure cluster k is covered by a refcount block,
-// growing the refcount table and allocating blocks as needed.
-func (img *image) ensureBlockLocked(ctx context.Context, k int64) error {
-	ti, _ := img.geo.RefcountIndex(k * img.cs)
-	if ti >= uint64(len(img.rt)) {
-		if err := img.growRefcountTableLocked(ctx, ti); err != nil {
-			return err
-		}
-	}
-	if img.rt[ti]&OffsetMask != 0 {
-		return nil
-	}
-	// The first free cluster covered by this table entry becomes its
-	// refcount block, describing itself; all of them are free since the
-	// block does not exist.
-	per := img.geo.RefcountBlockEntries()
-	off := int64(ti) * per * img.cs
-	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
-		return err
-	}
-	b, err := img.rbc.getNew(ctx, off)
-	if err != nil {
-		return err
-	}
-	_ = SetRefcount(b, img.geo.RefcountOrder, 0, 1)
-	// The block must be on disk before the table entry points at it: write
-	// it now; the table entry is written right away too (the table is
-	// written through), after a flush.
-	if _, err := img.rbc.flush(ctx); err != nil {
-		return err
-	}
-	if err := img.file.Flush(ctx); err != nil {
-		return err
-	}
-	img.rt[ti] = uint64(off)
-	return img.writeRefcountTableEntryLocked(ctx, ti)
 }
 
 func (img *image) writeRefcountTableEntryLocked(ctx context.Context, ti uint64) error {
