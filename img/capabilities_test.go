@@ -75,7 +75,7 @@ func TestFakeCreateInfoMap(t *testing.T) {
 		"create", "-f", "fakefmt", "base.fk", "1M")
 	wantRun(t, dir, 0, "Formatting 'top.fk', fmt=fakefmt cluster_size=65536 size=1048576 backing_file=base.fk backing_fmt=fakefmt lazy_refcounts=off\n", "",
 		"create", "-f", "fakefmt", "-b", "base.fk", "-F", "fakefmt", "top.fk")
-	wantRun(t, dir, 1, "", "qemu-img: t2.fk: Backing file specified without backing format\nDetected format of fakefmt.\n",
+	wantRun(t, dir, 1, "", "qemu-img: t2.fk: Backing file specified without backing format\nDetected format of fakefmt.",
 		"create", "-f", "fakefmt", "-b", "base.fk", "t2.fk")
 	wantRun(t, dir, 1, "", "qemu-img: t3.fk: Could not open 'nonexist': No such file or directory\nCould not open backing image.\n",
 		"create", "-f", "fakefmt", "-b", "nonexist", "-F", "fakefmt", "t3.fk")

@@ -66,10 +66,23 @@ func (t *Tool) create(args []string) int {
 		filename: filename, format: fmtName, size: size, opts: parseOptList(optStr),
 		backing: backing, backingFmt: backingFmt, unsafe: unsafe, quiet: quiet,
 	}); err != nil {
+		var he *hintError
+		if errors.As(err, &he) {
+			fmt.Fprintf(t.Stderr, "%s: %s: %s\n%s", t.Prog, filename, he.msg, he.hint)
+			return 1
+		}
 		return t.errorf("%s: %s", filename, errText(err))
 	}
 	return 0
 }
+
+// hintError is a message with a hint on the lines after it, printed as
+// qemu-img prints an error's hint: verbatim, so with no newline after it
+// unless the hint ends with one (qemu-img 7.2's "Detected format of raw."
+// does not).
+type hintError struct{ msg, hint string }
+
+func (e *hintError) Error() string { return e.msg + "\n" + e.hint }
 
 func firstOr(s []string, def string) string {
 	if len(s) > 0 {
@@ -224,7 +237,7 @@ func (t *Tool) createImage(r createReq) error {
 			}
 			if err == nil {
 				if r.backingFmt == "" {
-					return fmt.Errorf("Backing file specified without backing format\nDetected format of %s.", bfmt)
+					return &hintError{"Backing file specified without backing format", "Detected format of " + bfmt + "."}
 				}
 				if r.size < 0 {
 					r.size = bsize

@@ -143,6 +143,8 @@ func TestInteropCreateInfo(t *testing.T) {
 		s("img", "create", "-q", "-f", "raw", "b.raw", "2M"),
 		s("img", "create", "-f", "file", "f.raw", "64k"),
 		s("img", "create", "-f", "raw", "-b", "a.raw", "-F", "raw", "n.raw"),
+		// The hint after the error has no final newline in qemu-img 7.2.
+		s("img", "create", "-f", "qcow2", "-b", "a.raw", "nofmt.qcow2"),
 		s("img", "create", "-f", "nonexist", "x", "1M"),
 		s("img", "create", "-f", "raw", "y", "1Q"),
 		s("img", "create", "-f", "raw", "y", "--", "-1"),

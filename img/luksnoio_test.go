@@ -2,11 +2,11 @@ package img
 
 import (
 	"path/filepath"
-	"strings"
 	"testing"
 
 	_ "blockbackend/drivers/luks"
 	_ "blockbackend/drivers/qcow2"
+	"blockbackend/internal/qemutest"
 )
 
 // qemu-img opens images for info (and create -b opens the backing file)
@@ -58,14 +58,13 @@ func TestInteropLUKSInfoWithoutKey(t *testing.T) {
 // "Unable to get accurate CPU usage".
 func qemuCreateLUKS(t *testing.T, dir, name, size, opts string) {
 	t.Helper()
-	for try := 0; ; try++ {
-		r := runTool(t, dir, "qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=abc",
+	var r result
+	qemutest.Retry(func() (string, bool) {
+		r = runTool(t, dir, "qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=abc",
 			"-o", "key-secret=s0,iter-time=10"+opts, name, size)
-		if r.code == 0 {
-			return
-		}
-		if try == 5 || !strings.Contains(r.stderr, "accurate CPU usage") {
-			t.Fatalf("qemu-img create %s: %+v", name, r)
-		}
+		return r.stderr, r.code != 0
+	})
+	if r.code != 0 {
+		t.Fatalf("qemu-img create %s: %+v", name, r)
 	}
 }

@@ -21,6 +21,8 @@ import (
 	"time"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
+
+	"blockbackend/internal/qemutest"
 )
 
 var binary string
@@ -249,25 +251,8 @@ func (q *rawQMP) line(t *testing.T) string {
 
 // cmdOut runs an external command and returns combined output and error.
 func cmdOut(name string, args ...string) (string, error) {
-	out, err := combinedRetry(func() *exec.Cmd { return exec.Command(name, args...) })
+	out, err := qemutest.CombinedOutput(func() *exec.Cmd { return exec.Command(name, args...) })
 	return string(out), err
-}
-
-// combinedRetry runs the command mk makes and returns its combined
-// output, again (up to 8 times) while it fails with qemu-img's "Unable to
-// get accurate CPU usage": its PBKDF2 calibration for LUKS does that now
-// and then on a busy machine.
-func combinedRetry(mk func() *exec.Cmd) ([]byte, error) {
-	var out []byte
-	var err error
-	for try := 0; try < 8; try++ {
-		out, err = mk().CombinedOutput()
-		if err == nil || !bytes.Contains(out, []byte("accurate CPU usage")) {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return out, err
 }
 
 // lockBytes lists the bytes of path covered by OFD locks (any holder),

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"blockbackend/internal/qemutest"
 )
 
 // runBoth runs qemu-img and `blockbackend img` with the same arguments
@@ -182,7 +184,7 @@ func TestIntegrationImgCreateMessages(t *testing.T) {
 // runIn runs name in dir and returns its combined output and status.
 func runIn(t *testing.T, dir, name string, argv ...string) (string, int) {
 	t.Helper()
-	out, err := combinedRetry(func() *exec.Cmd {
+	out, err := qemutest.CombinedOutput(func() *exec.Cmd {
 		cmd := exec.Command(name, argv...)
 		cmd.Dir = dir
 		return cmd

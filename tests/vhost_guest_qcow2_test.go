@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"blockbackend/internal/qemutest"
 	"blockbackend/tests/guest"
 )
 
@@ -129,7 +130,7 @@ func guestQcow2(t *testing.T, kit *guest.Kit, kind backendKind, withBacking, luk
 
 func qemuImg(t *testing.T, args ...string) {
 	t.Helper()
-	if out, err := combinedRetry(func() *exec.Cmd { return exec.Command("qemu-img", args...) }); err != nil {
+	if out, err := qemutest.CombinedOutput(func() *exec.Cmd { return exec.Command("qemu-img", args...) }); err != nil {
 		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 }

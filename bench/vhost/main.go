@@ -97,15 +97,12 @@ func jobsFor(queues int) []jobSpec {
 
 // sample is one measured job on one backend in one run.
 type sample struct {
-	Run      int     `json:"run,omitempty"`
-	IOPS     float64 `json:"iops"`
-	MBps     float64 `json:"mbps"`
-	P50us    float64 `json:"p50_us"`
-	P99us    float64 `json:"p99_us"`
-	MaxUs    float64 `json:"max_us,omitempty"`
-	CPUusPIO float64 `json:"cpu_us_per_io"`
-	IOs      int64   `json:"ios"`
-	Errors   int64   `json:"errors"`
+	Run int `json:"run,omitempty"`
+	benchutil.Metrics
+	P50us  float64 `json:"p50_us"`
+	P99us  float64 `json:"p99_us"`
+	MaxUs  float64 `json:"max_us,omitempty"`
+	Errors int64   `json:"errors"`
 }
 
 type backendSpec struct {
@@ -414,7 +411,8 @@ func measure(ctx context.Context, fl flags, l *live, all []*live, j jobSpec, run
 				o.spec.Name, time.Duration(t2-t)*benchutil.ClockTick, l.spec.Name, j.Name)
 		}
 	}
-	smp := sample{Run: run + 1, IOPS: r.IOPS(), MBps: r.MBps(), P50us: us(r.P50), P99us: us(r.P99), MaxUs: us(r.Max), IOs: r.IOs, Errors: r.Errors}
+	smp := sample{Run: run + 1, Metrics: benchutil.Metrics{IOPS: r.IOPS(), MBps: r.MBps(), IOs: r.IOs},
+		P50us: us(r.P50), P99us: us(r.P99), MaxUs: us(r.Max), Errors: r.Errors}
 	if r.IOs > 0 {
 		smp.CPUusPIO = us(time.Duration(t1-t0)*benchutil.ClockTick) / float64(r.IOs)
 	}

@@ -91,46 +91,28 @@ func (r *results) negotiated(backend string, queues int, virtio, proto uint64) {
 	}
 }
 
-// throughput is the job's headline number: IOPS for small blocks, MB/s
-// for large ones.
-func (j *jobSpec) throughput(s sample) float64 {
-	if j.BlockSize >= 1<<20 {
-		return s.MBps
-	}
-	return s.IOPS
-}
-
-func (j *jobSpec) unit() string {
-	if j.BlockSize >= 1<<20 {
-		return "MB/s"
-	}
-	return "IOPS"
-}
-
 func (r *results) summarise() {
 	for _, jr := range r.Jobs {
+		bs := int64(jr.BlockSize)
 		for b, ss := range jr.Samples {
 			jr.Median[b] = sample{
-				IOPS:     benchutil.MedianOf(ss, func(s sample) float64 { return s.IOPS }),
-				MBps:     benchutil.MedianOf(ss, func(s sample) float64 { return s.MBps }),
-				P50us:    benchutil.MedianOf(ss, func(s sample) float64 { return s.P50us }),
-				P99us:    benchutil.MedianOf(ss, func(s sample) float64 { return s.P99us }),
-				CPUusPIO: benchutil.MedianOf(ss, func(s sample) float64 { return s.CPUusPIO }),
-				IOs:      int64(benchutil.MedianOf(ss, func(s sample) float64 { return float64(s.IOs) })),
+				Metrics: benchutil.MedianMetrics(ss, func(s sample) benchutil.Metrics { return s.Metrics }),
+				P50us:   benchutil.MedianOf(ss, func(s sample) float64 { return s.P50us }),
+				P99us:   benchutil.MedianOf(ss, func(s sample) float64 { return s.P99us }),
 			}
-			lo := slices.MinFunc(ss, func(a, b sample) int { return cmp.Compare(jr.throughput(a), jr.throughput(b)) })
-			hi := slices.MaxFunc(ss, func(a, b sample) int { return cmp.Compare(jr.throughput(a), jr.throughput(b)) })
-			jr.Spread[b] = ratio(jr.throughput(hi)-jr.throughput(lo), 2*jr.throughput(jr.Median[b]))
+			lo := slices.MinFunc(ss, func(a, b sample) int { return cmp.Compare(a.Throughput(bs), b.Throughput(bs)) })
+			hi := slices.MaxFunc(ss, func(a, b sample) int { return cmp.Compare(a.Throughput(bs), b.Throughput(bs)) })
+			jr.Spread[b] = benchutil.Ratio(hi.Throughput(bs)-lo.Throughput(bs), 2*jr.Median[b].Throughput(bs))
 		}
 		q, okq := jr.Median["qsd"]
 		o, oko := jr.Median["ours"]
 		if okq && oko {
-			jr.Ratio = &ratios{Throughput: ratio(jr.throughput(o), jr.throughput(q)), P50: ratio(o.P50us, q.P50us), CPU: ratio(o.CPUusPIO, q.CPUusPIO)}
+			jr.Ratio = &ratios{Throughput: benchutil.Ratio(o.Throughput(bs), q.Throughput(bs)), P50: benchutil.Ratio(o.P50us, q.P50us), CPU: benchutil.Ratio(o.CPUusPIO, q.CPUusPIO)}
 			var paired []float64
 			for _, so := range jr.Samples["ours"] {
 				for _, sq := range jr.Samples["qsd"] {
 					if so.Run == sq.Run {
-						paired = append(paired, ratio(jr.throughput(so), jr.throughput(sq)))
+						paired = append(paired, benchutil.Ratio(so.Throughput(bs), sq.Throughput(bs)))
 					}
 				}
 			}
@@ -166,13 +148,6 @@ func (r *results) summarise() {
 	}
 }
 
-func ratio(a, b float64) float64 {
-	if b == 0 {
-		return 0
-	}
-	return a / b
-}
-
 func (r *results) print(w io.Writer) {
 	c := r.Config
 	fmt.Fprintf(w, "vhost-user-blk, no guest: frontend %s\n", c.Frontend)
@@ -193,22 +168,10 @@ func (r *results) print(w io.Writer) {
 	fmt.Fprintf(w, row, "job", "", "qsd", "ours", "ratio", "paired", "p50 qsd", "p50 ours", "ratio", "CPU qsd", "CPU ours", "ratio")
 	fmt.Fprintf(w, row, "", "", "", "", "", "", "µs", "µs", "", "µs/IO", "µs/IO", "")
 	for _, jr := range r.Jobs {
-		prec := 0
-		if jr.BlockSize >= 1<<20 {
-			prec = 1
-		}
-		cell := func(b string, f func(sample) float64, prec int) string {
-			s, ok := jr.Median[b]
-			if !ok {
-				if len(jr.Failures[b]) > 0 {
-					return "FAILED"
-				}
-				return "-"
-			}
-			return fmt.Sprintf("%.*f", prec, f(s))
-		}
+		prec := benchutil.ThroughputPrec(jr.BlockSize)
+		cell := benchutil.Row[sample]{Median: jr.Median, Failures: jr.Failures}.Cell
 		tput := func(b string) string {
-			c := cell(b, jr.throughput, prec)
+			c := cell(b, func(s sample) float64 { return s.Throughput(int64(jr.BlockSize)) }, prec)
 			if _, ok := jr.Median[b]; ok {
 				c += fmt.Sprintf(" ±%2.0f%%", 100*jr.Spread[b])
 			}
@@ -216,11 +179,11 @@ func (r *results) print(w io.Writer) {
 		}
 		rat := func(f func(*ratios) float64) string {
 			if jr.Ratio == nil {
-				return "-"
+				return benchutil.RatioCell(false, 0)
 			}
-			return fmt.Sprintf("%.2fx", f(jr.Ratio))
+			return benchutil.RatioCell(true, f(jr.Ratio))
 		}
-		fmt.Fprintf(w, row, jr.Name, jr.unit(),
+		fmt.Fprintf(w, row, jr.Name, benchutil.Unit(jr.BlockSize),
 			tput("qsd"), tput("ours"),
 			rat(func(r *ratios) float64 { return r.Throughput }), rat(func(r *ratios) float64 { return r.PairedThroughput }),
 			cell("qsd", func(s sample) float64 { return s.P50us }, 1), cell("ours", func(s sample) float64 { return s.P50us }, 1),
@@ -248,13 +211,7 @@ func (r *results) print(w io.Writer) {
 			}
 		}
 	}
-	if len(failed) > 0 {
-		fmt.Fprintln(w)
-		fmt.Fprintln(w, "failures:")
-		for _, f := range failed {
-			fmt.Fprintln(w, f)
-		}
-	}
+	benchutil.PrintFailures(w, failed)
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -398,7 +398,8 @@ func runGuest(ctx context.Context, res *results, kit *guest.Kit, b backendSpec, 
 				logf("run %d nq%d %-20s %-4s FAILED: %s", run+1, nq, j.Name, b.Name, r.Err)
 				break
 			}
-			s := sample{Run: run + 1, IOPS: r.IOPS, MBps: r.MBps, AvgLatUs: r.AvgLatUs, MaxLatMs: r.MaxLatMs, IOs: r.Reads + r.Writes}
+			s := sample{Run: run + 1, Metrics: benchutil.Metrics{IOPS: r.IOPS, MBps: r.MBps, IOs: r.Reads + r.Writes},
+				AvgLatUs: r.AvgLatUs, MaxLatMs: r.MaxLatMs}
 			if err := errors.Join(errB, errG); err != nil {
 				res.fail(j, b.Name, run, err)
 				break

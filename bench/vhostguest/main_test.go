@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"blockbackend/bench/internal/benchutil"
 	"blockbackend/tests/guest"
 )
 
@@ -139,10 +140,12 @@ func TestReport(t *testing.T) {
 	js := jobsFor(1)
 	r := newResults(fl, []backendSpec{{"qsd", "/usr/bin/qemu-storage-daemon", ""}, {"ours", "/tmp/blockbackend", ""}}, "6.1.0-test", js)
 	for run, iops := range []float64{1000, 3000, 2000} {
-		r.add(js[0], "qsd", sample{Run: run + 1, IOPS: iops, AvgLatUs: 1e6 / iops, CPUusPIO: 10, GuestCPUusPIO: 400, DevReqsPerIO: 1, IOs: int64(iops)})
-		r.add(js[0], "ours", sample{Run: run + 1, IOPS: iops * 1.1, AvgLatUs: 1e6 / iops / 1.1, CPUusPIO: 5, GuestCPUusPIO: 380, IOs: int64(iops)})
+		r.add(js[0], "qsd", sample{Run: run + 1, Metrics: benchutil.Metrics{IOPS: iops, CPUusPIO: 10, IOs: int64(iops)},
+			AvgLatUs: 1e6 / iops, GuestCPUusPIO: 400, DevReqsPerIO: 1})
+		r.add(js[0], "ours", sample{Run: run + 1, Metrics: benchutil.Metrics{IOPS: iops * 1.1, CPUusPIO: 5, IOs: int64(iops)},
+			AvgLatUs: 1e6 / iops / 1.1, GuestCPUusPIO: 380})
 	}
-	r.add(js[4], "qsd", sample{Run: 1, MBps: 500, IOPS: 476})
+	r.add(js[4], "qsd", sample{Run: 1, Metrics: benchutil.Metrics{MBps: 500, IOPS: 476}})
 	r.fail(js[4], "ours", 0, errors.New("guest ended early\nconsole: ..."))
 	r.view("qsd", guest.Result{MaxSegments: 126, MaxSegSize: 4096, MaxHWSectKB: 1280, WriteCache: "write back"})
 	r.view("qsd", guest.Result{MaxSegments: 126, MaxSegSize: 4096, MaxHWSectKB: 1280, WriteCache: "write back"})

@@ -12,15 +12,12 @@ import (
 
 // sample is one job on one backend in one run.
 type sample struct {
-	Run           int
-	IOPS          float64
-	MBps          float64
+	Run int
+	benchutil.Metrics
 	AvgLatUs      float64 // the agent's mean request latency
 	MaxLatMs      float64
-	CPUusPIO      float64 // backend process
 	GuestCPUusPIO float64 // the guest's QEMU process
 	DevReqsPerIO  float64 // requests the disk completed per agent I/O (0: unknown)
-	IOs           int64
 }
 
 type jobResult struct {
@@ -87,50 +84,24 @@ func (r *results) fail(j jobSpec, backend string, run int, err error) {
 	jr.Failures[backend] = append(jr.Failures[backend], fmt.Sprintf("run %d: %s", run+1, msg))
 }
 
-// throughput is the job's headline number: IOPS for small blocks, MB/s
-// for large ones.
-func (j *jobSpec) throughput(s sample) float64 {
-	if j.BS >= 1<<20 {
-		return s.MBps
-	}
-	return s.IOPS
-}
-
-func (j *jobSpec) unit() string {
-	if j.BS >= 1<<20 {
-		return "MB/s"
-	}
-	return "IOPS"
-}
-
 func (r *results) summarise() {
 	for _, jr := range r.Jobs {
 		for b, ss := range jr.Samples {
 			jr.Median[b] = sample{
-				IOPS:          benchutil.MedianOf(ss, func(s sample) float64 { return s.IOPS }),
-				MBps:          benchutil.MedianOf(ss, func(s sample) float64 { return s.MBps }),
+				Metrics:       benchutil.MedianMetrics(ss, func(s sample) benchutil.Metrics { return s.Metrics }),
 				AvgLatUs:      benchutil.MedianOf(ss, func(s sample) float64 { return s.AvgLatUs }),
 				MaxLatMs:      benchutil.MedianOf(ss, func(s sample) float64 { return s.MaxLatMs }),
-				CPUusPIO:      benchutil.MedianOf(ss, func(s sample) float64 { return s.CPUusPIO }),
 				GuestCPUusPIO: benchutil.MedianOf(ss, func(s sample) float64 { return s.GuestCPUusPIO }),
 				DevReqsPerIO:  benchutil.MedianOf(ss, func(s sample) float64 { return s.DevReqsPerIO }),
-				IOs:           int64(benchutil.MedianOf(ss, func(s sample) float64 { return float64(s.IOs) })),
 			}
 		}
 		q, okq := jr.Median["qsd"]
 		o, oko := jr.Median["ours"]
 		if okq && oko {
-			jr.Ratio = &ratios{Throughput: ratio(jr.throughput(o), jr.throughput(q)),
-				AvgLat: ratio(o.AvgLatUs, q.AvgLatUs), CPU: ratio(o.CPUusPIO, q.CPUusPIO)}
+			jr.Ratio = &ratios{Throughput: benchutil.Ratio(o.Throughput(jr.BS), q.Throughput(jr.BS)),
+				AvgLat: benchutil.Ratio(o.AvgLatUs, q.AvgLatUs), CPU: benchutil.Ratio(o.CPUusPIO, q.CPUusPIO)}
 		}
 	}
-}
-
-func ratio(a, b float64) float64 {
-	if b == 0 {
-		return 0
-	}
-	return a / b
 }
 
 // caveat heads the report: the figures must not be read like bench/vhost's.
@@ -162,20 +133,9 @@ func (r *results) print(w io.Writer) {
 	fmt.Fprintf(w, row, "job", "nq", "", "qsd", "ours", "ratio", "avg qsd", "avg ours", "ratio", "CPU qsd", "CPU ours", "ratio", "guestCPU", "guestCPU", "req/IO", "req/IO")
 	fmt.Fprintf(w, row, "", "", "", "", "", "", "µs", "µs", "", "µs/IO", "µs/IO", "", "qsd", "ours", "qsd", "ours")
 	for _, jr := range r.Jobs {
-		prec := 0
-		if jr.BS >= 1<<20 {
-			prec = 1
-		}
-		cell := func(b string, f func(sample) float64, prec int) string {
-			s, ok := jr.Median[b]
-			if !ok {
-				if len(jr.Failures[b]) > 0 {
-					return "FAILED"
-				}
-				return "-"
-			}
-			return fmt.Sprintf("%.*f", prec, f(s))
-		}
+		prec := benchutil.ThroughputPrec(jr.BS)
+		tput := func(s sample) float64 { return s.Throughput(jr.BS) }
+		cell := benchutil.Row[sample]{Median: jr.Median, Failures: jr.Failures}.Cell
 		reqs := func(b string) string {
 			if s, ok := jr.Median[b]; ok && s.DevReqsPerIO == 0 {
 				return "?"
@@ -184,12 +144,12 @@ func (r *results) print(w io.Writer) {
 		}
 		rat := func(f func(*ratios) float64) string {
 			if jr.Ratio == nil {
-				return "-"
+				return benchutil.RatioCell(false, 0)
 			}
-			return fmt.Sprintf("%.2fx", f(jr.Ratio))
+			return benchutil.RatioCell(true, f(jr.Ratio))
 		}
-		fmt.Fprintf(w, row, jr.Name, fmt.Sprint(jr.Queues), jr.unit(),
-			cell("qsd", jr.throughput, prec), cell("ours", jr.throughput, prec),
+		fmt.Fprintf(w, row, jr.Name, fmt.Sprint(jr.Queues), benchutil.Unit(jr.BS),
+			cell("qsd", tput, prec), cell("ours", tput, prec),
 			rat(func(r *ratios) float64 { return r.Throughput }),
 			cell("qsd", func(s sample) float64 { return s.AvgLatUs }, 1), cell("ours", func(s sample) float64 { return s.AvgLatUs }, 1),
 			rat(func(r *ratios) float64 { return r.AvgLat }),
@@ -206,11 +166,5 @@ func (r *results) print(w io.Writer) {
 			}
 		}
 	}
-	if len(failed) > 0 {
-		fmt.Fprintln(w)
-		fmt.Fprintln(w, "failures:")
-		for _, f := range failed {
-			fmt.Fprintln(w, f)
-		}
-	}
+	benchutil.PrintFailures(w, failed)
 }

@@ -3,12 +3,11 @@ package luks
 import (
 	"context"
 	"os/exec"
-	"strings"
 	"testing"
-	"time"
 
 	_ "blockbackend/drivers/file"
 	"blockbackend/graph"
+	"blockbackend/internal/qemutest"
 	"blockbackend/qmp/qapi"
 )
 
@@ -74,15 +73,7 @@ func qemuTool(t *testing.T, name string, args ...string) (string, error) {
 	if _, err := exec.LookPath(name); err != nil {
 		t.Fatalf("%s is needed for this test (make deps installs it): %v", name, err)
 	}
-	var out []byte
-	var err error
-	for try := 0; try < 8; try++ {
-		out, err = exec.Command(name, args...).CombinedOutput()
-		if err == nil || !strings.Contains(string(out), "accurate CPU usage") {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	out, err := qemutest.CombinedOutput(func() *exec.Cmd { return exec.Command(name, args...) })
 	return string(out), err
 }
 

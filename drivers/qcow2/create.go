@@ -117,6 +117,13 @@ func formatWith(ctx context.Context, log *slog.Logger, file, data *graph.Node, o
 	if o.Encrypt != nil && cc == nil {
 		return qapi.Errorf(qapi.GenericError, "qcow2: encryption needs the create context's secrets")
 	}
+	prealloc := string(o.Preallocation)
+	if o.DataFileRaw && (prealloc == "off" || prealloc == "") {
+		// qemu-img maps every cluster of a raw data file at creation
+		// (observed: a 64 MiB image gets its L2 table), so that other
+		// readers of the data file and of the image agree from the start.
+		prealloc = "metadata"
+	}
 	size := int64(o.Size)
 	cs := int64(o.ClusterSize)
 	cb := uint32(bits.TrailingZeros64(uint64(cs)))
@@ -221,7 +228,7 @@ func formatWith(ctx context.Context, log *slog.Logger, file, data *graph.Node, o
 		return err
 	}
 	if data != nil {
-		dmode := string(o.Preallocation)
+		dmode := prealloc
 		if dmode == "metadata" || dmode == "" {
 			dmode = "off"
 		}
@@ -229,8 +236,8 @@ func formatWith(ctx context.Context, log *slog.Logger, file, data *graph.Node, o
 			return fmt.Errorf("Could not resize the data file: %w", err)
 		}
 	}
-	if o.Preallocation != "off" && o.Preallocation != "" {
-		if err := img.preallocate(ctx, 0, size, string(o.Preallocation)); err != nil {
+	if prealloc != "off" && prealloc != "" {
+		if err := img.preallocate(ctx, 0, size, prealloc); err != nil {
 			return err
 		}
 	}

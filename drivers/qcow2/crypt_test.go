@@ -12,11 +12,11 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"blockbackend/drivers/crypto"
 	"blockbackend/graph"
 	"blockbackend/graph/drivertest"
+	"blockbackend/internal/qemutest"
 	"blockbackend/qmp/qapi"
 )
 
@@ -64,15 +64,7 @@ func qemuCrypt(t testing.TB, name string, args ...string) string {
 	} else {
 		args = append(cryptObjectArgs(), args...)
 	}
-	var out []byte
-	var err error
-	for try := 0; try < 8; try++ {
-		out, err = exec.Command(p, args...).CombinedOutput()
-		if err == nil || !strings.Contains(string(out), "accurate CPU usage") {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	out, err := qemutest.CombinedOutput(func() *exec.Cmd { return exec.Command(p, args...) })
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}

@@ -52,12 +52,39 @@
 //
 // Host clusters come from the first free cluster on (a hint remembers
 // where that is); a write takes the longest free run there, up to what it
-// needs. A refcount block that does not exist yet is created in the first
-// cluster of the range it describes (it then counts itself); a longer
-// contiguous run (an L1 table) goes to the end of the file with the blocks
-// it needs after it; the refcount table grows at the end of what it
-// describes. The file child is grown before anything is written past its
-// end.
+// needs. A cluster whose range has no refcount block yet counts as free;
+// when a run takes it, the block is created at the first free cluster
+// after the run (it counts itself when it lies in its own range), which
+// is where QEMU puts it. A longer contiguous run (an L1 table) goes to the
+// end of the file with the blocks it needs after it; the refcount table
+// grows at the end of what it describes, before a run may reach past it.
+// The file child is grown before anything is written past its
+// end, to the end of the clusters taken, except for a new L1 table: the
+// file then ends right after its entries, mid-cluster, as qemu-img leaves
+// it (a file's size need not be a multiple of the cluster size; the next
+// allocation still starts on a cluster boundary, since free clusters are
+// found by their refcounts).
+//
+// # Created images
+//
+// create lays out what qemu-img 7.2 writes, byte for byte (img's
+// TestInteropQcow2CreateBytes cmp's them): header and extensions in
+// cluster 0, refcount table in 1, its block in 2, the L1 table in 3 on,
+// then for preallocation=metadata (which data-file-raw implies, as in
+// qemu-img) each L2 table before its data clusters. For falloc and full
+// (create and resize alike) qemu-img writes, from the first cluster past
+// the file's end, the refcount blocks the whole area needs and a new
+// refcount table, frees the old table, puts all data clusters in one run
+// after it and then the L2 tables where they fit; so do we.
+//
+// Known differences, each image still clean and reading the same: a
+// falloc/full resize from a size inside an allocated cluster keeps that
+// cluster where it is, where QEMU copies it into the new area and frees
+// it; and where the refcount table goes when it grows (images whose
+// metadata outgrows one cluster of table, e.g. 8 MiB preallocated or an
+// L1 table for 64 GiB, both with 512-byte clusters): QEMU interleaves the
+// new table with the blocks that follow, we put it after every cluster
+// the old table describes.
 //
 // # Crash safety
 //

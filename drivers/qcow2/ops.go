@@ -480,11 +480,13 @@ func (img *image) growL1Locked(ctx context.Context, n int) error {
 		return err
 	}
 	clusters := (int64(n)*8 + img.cs - 1) / img.cs
-	off, err := img.allocLocked(ctx, clusters)
+	// The file grows over the table's entries only, as QEMU's does; in
+	// clusters that lay inside the file the rest of them is zeroed.
+	off, err := img.allocUsedLocked(ctx, clusters, int64(n)*8)
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, clusters*img.cs)
+	buf := make([]byte, max(int64(n)*8, min(clusters*img.cs, img.file.SizeNow()-off)))
 	for i, e := range img.l1 {
 		be.PutUint64(buf[i*8:], e)
 	}
@@ -523,40 +525,60 @@ func (img *image) growL1Locked(ctx context.Context, n int) error {
 func (img *image) preallocate(ctx context.Context, from, to int64, mode string) error {
 	img.meta.Lock()
 	defer img.meta.Unlock()
+	if (mode == "falloc" || mode == "full") && !img.extData {
+		return img.preallocateAreaLocked(ctx, from, to, mode)
+	}
 	cs := img.cs
+	span := cs * img.geo.L2Entries()
+	last := (to + cs - 1) / cs * cs
 	var end int64
-	for c := from / cs * cs; c < to; c += cs {
-		s, idx, _, err := img.l2SliceLocked(ctx, c)
-		if err != nil {
+	for c := from / cs * cs; c < last; {
+		if need, err := img.unallocatedLocked(ctx, c); err != nil {
 			return err
+		} else if !need {
+			c += cs
+			continue
 		}
-		if s != nil {
-			if e := img.geo.GetL2(s, idx); e.Offset() != 0 || e.Compressed() {
-				continue
+		// The clusters to allocate from c on within its L2 table's span:
+		// the table first, then their data in runs (as long as the free
+		// space allows), so that tables and data interleave as in QEMU
+		// and a run that reaches a range without a refcount block stays
+		// in one piece, the block after it.
+		n := int64(1)
+		for stop := min((c/span+1)*span, last); c+n*cs < stop; n++ {
+			if need, err := img.unallocatedLocked(ctx, c+n*cs); err != nil {
+				return err
+			} else if !need {
+				break
 			}
 		}
-		// Make sure the L2 table exists before allocating the data
-		// cluster, so that tables and data interleave as in QEMU.
 		if _, _, _, err := img.l2ForWriteLocked(ctx, c); err != nil {
 			return err
 		}
-		host := c
-		if !img.extData {
-			if host, err = img.allocLocked(ctx, 1); err != nil {
-				return err
+		for n > 0 {
+			host, got := c, n
+			if !img.extData {
+				var err error
+				if host, got, err = img.allocRunLocked(ctx, n); err != nil {
+					return err
+				}
+				end = max(end, host+got*cs)
 			}
-			end = max(end, host+cs)
+			for i := int64(0); i < got; i++ {
+				s, idx, soff, err := img.l2ForWriteLocked(ctx, c+i*cs)
+				if err != nil {
+					return err
+				}
+				// With extended L2 entries the subclusters stay
+				// unallocated, as QEMU leaves them: the space is
+				// reserved, and a backing file (allowed with
+				// preallocation only then) still shows through.
+				img.geo.SetL2(s, idx, L2Entry{Entry: MakeStandard(host+i*cs, FlagCopied)})
+				img.l2c.markDirty(soff)
+			}
+			c += got * cs
+			n -= got
 		}
-		s, idx, soff, err := img.l2ForWriteLocked(ctx, c)
-		if err != nil {
-			return err
-		}
-		// With extended L2 entries the subclusters stay unallocated, as
-		// QEMU leaves them: the space is reserved, and a backing file
-		// (allowed with preallocation only then) still shows through.
-		ne := L2Entry{Entry: MakeStandard(host, FlagCopied)}
-		img.geo.SetL2(s, idx, ne)
-		img.l2c.markDirty(soff)
 	}
 	fileMode := mode
 	if mode == "metadata" {

@@ -51,7 +51,7 @@ func (img *image) setRefcountLocked(ctx context.Context, k int64, v uint64) erro
 func (img *image) addRefLocked(ctx context.Context, off, length int64, delta int) error {
 	first, last := off/img.cs, (off+length-1)/img.cs
 	for k := first; k <= last; k++ {
-		if err := img.ensureBlockLocked(ctx, k); err != nil {
+		if err := img.coverLocked(ctx, k, last+1); err != nil {
 			return err
 		}
 		rc, err := img.refcountLocked(ctx, k)
@@ -72,44 +72,6 @@ func (img *image) addRefLocked(ctx context.Context, off, length int64, delta int
 		}
 	}
 	return nil
-}
-
-// ensureBlockLocked makes sure cluster k is covered by a refcount block,
-// growing the refcount table and allocating blocks as needed.
-func (img *image) ensureBlockLocked(ctx context.Context, k int64) error {
-	ti, _ := img.geo.RefcountIndex(k * img.cs)
-	if ti >= uint64(len(img.rt)) {
-		if err := img.growRefcountTableLocked(ctx, ti); err != nil {
-			return err
-		}
-	}
-	if img.rt[ti]&OffsetMask != 0 {
-		return nil
-	}
-	// The first free cluster covered by this table entry becomes its
-	// refcount block, describing itself; all of them are free since the
-	// block does not exist.
-	per := img.geo.RefcountBlockEntries()
-	off := int64(ti) * per * img.cs
-	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
-		return err
-	}
-	b, err := img.rbc.getNew(ctx, off)
-	if err != nil {
-		return err
-	}
-	_ = SetRefcount(b, img.geo.RefcountOrder, 0, 1)
-	// The block must be on disk before the table entry points at it: write
-	// it now; the table entry is written right away too (the table is
-	// written through), after a flush.
-	if _, err := img.rbc.flush(ctx); err != nil {
-		return err
-	}
-	if err := img.file.Flush(ctx); err != nil {
-		return err
-	}
-	img.rt[ti] = uint64(off)
-	return img.writeRefcountTableEntryLocked(ctx, ti)
 }
 
 func (img *image) writeRefcountTableEntryLocked(ctx context.Context, ti uint64) error {
@@ -210,6 +172,17 @@ func (img *image) allocRunLocked(ctx context.Context, n int64) (int64, int64, er
 // clusters lay past the end of the file (they read as zeros, so copy on
 // write from zeros can be skipped).
 func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int64, bool, error) {
+	return img.allocRunUsedLocked(ctx, n, n*img.cs)
+}
+
+// allocRunUsedLocked is allocRunVirginLocked for a caller that writes
+// only the first used bytes of the run: a run at the end of the file
+// grows the file over those bytes only, not to the end of its last
+// cluster. QEMU leaves a new L1 table so (a 64 MiB image of 64 KiB
+// clusters ends 8 bytes into cluster 3), and the next allocation still
+// starts at a cluster boundary: clusters are found by their refcounts,
+// never by the file's size.
+func (img *image) allocRunUsedLocked(ctx context.Context, n, used int64) (int64, int64, bool, error) {
 	k := img.freeHint
 	for {
 		free, err := img.freeClusterLocked(ctx, k)
@@ -236,7 +209,7 @@ func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int
 	// Past the end of the file, bytes read as zeros; the file only ever
 	// grows to the end of clusters just claimed, so that end is exact.
 	virgin := k*img.cs >= img.file.SizeNow()
-	if err := img.takeLocked(ctx, k, got); err != nil {
+	if err := img.takeUsedLocked(ctx, k, got, min(used, got*img.cs)); err != nil {
 		return 0, 0, false, err
 	}
 	if k == img.freeHint {
@@ -245,27 +218,109 @@ func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int
 	return k * img.cs, got, virgin, nil
 }
 
-// freeClusterLocked reports whether cluster c is free, creating the
-// refcount block of its range if it has none (the block then takes the
-// range's first cluster).
+// freeClusterLocked reports whether cluster c is free: a cluster whose
+// range has no refcount block yet is (its refcount is 0); the block is
+// created when the cluster is taken (coverLocked). A cluster past what the
+// refcount table can describe makes the table grow first: the new table
+// and its blocks go to the first clusters past that, which are free, so
+// they can never land inside a run being taken.
 func (img *image) freeClusterLocked(ctx context.Context, c int64) (bool, error) {
 	if c*img.cs > MaxHostOffset {
 		return false, fmt.Errorf("qcow2: image file too large: %w", syscall.EFBIG)
 	}
-	if err := img.ensureBlockLocked(ctx, c); err != nil {
-		return false, err
+	if ti, _ := img.geo.RefcountIndex(c * img.cs); ti >= uint64(len(img.rt)) {
+		if err := img.growRefcountTableLocked(ctx, ti); err != nil {
+			return false, err
+		}
 	}
 	rc, err := img.refcountLocked(ctx, c)
 	return rc == 0, err
 }
 
+// coverLocked makes sure cluster c's range has a refcount block, placing
+// a new one where QEMU does (observed): at the first free cluster from
+// after on (the caller passes the end of the run it is taking), so that
+// a run reaching a range without a block keeps its clusters together and
+// the block follows it. A block in its own range counts itself; one that
+// lands in another range without a block gets that range's block first.
+func (img *image) coverLocked(ctx context.Context, c, after int64) error {
+	ti, _ := img.geo.RefcountIndex(c * img.cs)
+	if ti >= uint64(len(img.rt)) {
+		if err := img.growRefcountTableLocked(ctx, ti); err != nil {
+			return err
+		}
+	}
+	if img.rt[ti]&OffsetMask != 0 {
+		return nil
+	}
+	per := img.geo.RefcountBlockEntries()
+	p := after
+	for {
+		free, err := img.freeClusterLocked(ctx, p)
+		if err != nil {
+			return err
+		}
+		if !free {
+			p++
+			continue
+		}
+		pti := uint64(p / per)
+		if pti == ti || (pti < uint64(len(img.rt)) && img.rt[pti]&OffsetMask != 0) {
+			break
+		}
+		// p lies in another range without a block: that block first
+		// (it takes p, counting itself), then look again.
+		if err := img.coverLocked(ctx, p, p); err != nil {
+			return err
+		}
+		if img.rt[ti]&OffsetMask != 0 {
+			return nil // the table grew and its blocks cover ti
+		}
+	}
+	off := p * img.cs
+	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
+		return err
+	}
+	b, err := img.rbc.getNew(ctx, off)
+	if err != nil {
+		return err
+	}
+	if uint64(p/per) == ti {
+		_ = SetRefcount(b, img.geo.RefcountOrder, p-int64(ti)*per, 1)
+	} else if err := img.setRefcountLocked(ctx, p, 1); err != nil {
+		img.rbc.drop(off, img.cs)
+		return err
+	}
+	// The block (and the refcount of its cluster) must be on disk before
+	// the table entry points at it: write them now; the table entry is
+	// written right away too (the table is written through), after a
+	// flush.
+	if _, err := img.rbc.flush(ctx); err != nil {
+		return err
+	}
+	if err := img.file.Flush(ctx); err != nil {
+		return err
+	}
+	img.rt[ti] = uint64(off)
+	return img.writeRefcountTableEntryLocked(ctx, ti)
+}
+
 // takeLocked sets the refcounts of clusters [k, k+n) to 1, growing the
 // file over them.
 func (img *image) takeLocked(ctx context.Context, k, n int64) error {
-	if err := img.growFileLocked(ctx, img.file, (k+n)*img.cs); err != nil {
+	return img.takeUsedLocked(ctx, k, n, n*img.cs)
+}
+
+// takeUsedLocked is takeLocked growing the file over the first used bytes
+// of the clusters only.
+func (img *image) takeUsedLocked(ctx context.Context, k, n, used int64) error {
+	if err := img.growFileLocked(ctx, img.file, k*img.cs+used); err != nil {
 		return err
 	}
 	for c := k; c < k+n; c++ {
+		if err := img.coverLocked(ctx, c, k+n); err != nil {
+			return err
+		}
 		if err := img.setRefcountLocked(ctx, c, 1); err != nil {
 			return err
 		}
@@ -278,8 +333,14 @@ func (img *image) takeLocked(ctx context.Context, k, n int64) error {
 // end of the file, with the refcount blocks its ranges lack right after
 // it, so that no block lands inside the run.
 func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
+	return img.allocUsedLocked(ctx, n, n*img.cs)
+}
+
+// allocUsedLocked is allocLocked for a caller that writes only the first
+// used bytes of the clusters (see allocRunUsedLocked).
+func (img *image) allocUsedLocked(ctx context.Context, n, used int64) (int64, error) {
 	if n == 1 {
-		off, _, err := img.allocRunLocked(ctx, 1)
+		off, _, _, err := img.allocRunUsedLocked(ctx, 1, used)
 		return off, err
 	}
 	per := img.geo.RefcountBlockEntries()
@@ -328,7 +389,11 @@ func (img *image) allocLocked(ctx context.Context, n int64) (int64, error) {
 			}
 			continue
 		}
-		if err := img.growFileLocked(ctx, img.file, (e+n+b)*img.cs); err != nil {
+		fileEnd := (e + n + b) * img.cs
+		if b == 0 {
+			fileEnd = e*img.cs + used
+		}
+		if err := img.growFileLocked(ctx, img.file, fileEnd); err != nil {
 			return 0, err
 		}
 		// New blocks at e+n.., entered in the table in memory first so

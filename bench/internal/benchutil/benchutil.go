@@ -2,8 +2,9 @@
 // vhostguest, qcow2) share: running a backend process (ours or
 // qemu-storage-daemon) on a socket and stopping it, reading a process's
 // CPU time from /proc, building our binary without -race, writing the
-// tmpfs images, and the median of the runs. Each program keeps its own
-// command lines, jobs and report format.
+// tmpfs images, the median of the runs, and the cells of the qsd/ours
+// comparison tables (table.go). Each program keeps its own command
+// lines, jobs and report columns.
 package benchutil
 
 import (

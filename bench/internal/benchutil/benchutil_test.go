@@ -3,6 +3,7 @@ package benchutil
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -74,5 +75,32 @@ func TestParseSize(t *testing.T) {
 	}
 	if _, err := ParseSize("8k", true); err == nil {
 		t.Error("ParseSize(8k) of an image succeeded")
+	}
+}
+
+func TestTableCells(t *testing.T) {
+	type s struct{ v float64 }
+	r := Row[s]{Median: map[string]s{"ours": {1.234}}, Failures: map[string][]string{"qsd": {"run 1: boom"}}}
+	for _, c := range []struct{ got, want string }{
+		{r.Cell("ours", func(x s) float64 { return x.v }, 1), "1.2"},
+		{r.Cell("qsd", func(x s) float64 { return x.v }, 1), "FAILED"},
+		{r.Cell("other", func(x s) float64 { return x.v }, 1), "-"},
+		{RatioCell(true, Ratio(3, 2)), "1.50x"},
+		{RatioCell(false, 0), "-"},
+		{Unit(4096), "IOPS"},
+		{Unit(int64(1 << 20)), "MB/s"},
+	} {
+		if c.got != c.want {
+			t.Errorf("got %q, want %q", c.got, c.want)
+		}
+	}
+	if Ratio(1, 0) != 0 || (Metrics{IOPS: 10, MBps: 20}).Throughput(4096) != 10 || (Metrics{IOPS: 10, MBps: 20}).Throughput(1<<20) != 20 || ThroughputPrec(1<<20) != 1 {
+		t.Error("Ratio/Throughput/ThroughputPrec")
+	}
+	var b strings.Builder
+	PrintFailures(&b, nil)
+	PrintFailures(&b, []string{"  j ours run 1: x"})
+	if b.String() != "\nfailures:\n  j ours run 1: x\n" {
+		t.Errorf("PrintFailures: %q", b.String())
 	}
 }
