@@ -9,6 +9,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"blockbackend/internal/qemutest"
 )
 
 // TestIntegrationQueryNodesLikeQSD opens the same node graphs in
@@ -31,7 +33,7 @@ func TestIntegrationQueryNodesLikeQSD(t *testing.T) {
 	p := func(name string) string { return filepath.Join(dir, name) }
 	img := func(args ...string) {
 		t.Helper()
-		if out, err := combinedRetry(func() *exec.Cmd {
+		if out, err := qemutest.CombinedOutput(func() *exec.Cmd {
 			c := exec.Command("qemu-img", args...)
 			c.Dir = dir
 			return c
