@@ -3,6 +3,7 @@ package graph
 import (
 	"context"
 	"fmt"
+	"reflect"
 	"time"
 
 	"blockbackend/qmp/qapi"
@@ -32,30 +33,90 @@ type emptyVariant struct{}
 // QEMU's messages (member names prefixed with path, "options"), and
 // returns the function that makes the image: the job's work.
 func (g *Graph) PrepareCreate(opts map[string]any, mode qapi.Mode, path string) (func(ctx context.Context) error, error) {
+	run, release, err := g.PrepareCreateJob(opts, mode, path)
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) error {
+		defer release()
+		return run(ctx)
+	}, nil
+}
+
+// PrepareCreateJob is PrepareCreate for a job that may never run: the
+// nodes the options name are held from now until release, which the
+// caller calls once, whether the job ran or not.
+func (g *Graph) PrepareCreateJob(opts map[string]any, mode qapi.Mode, path string) (run func(ctx context.Context) error, release func(), err error) {
 	var h unionHead
 	if err := qapi.DecodeValue(opts, &h, mode, path); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	d, err := lookupDriverForOpen(h.Driver)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if d.Create == nil || d.NewCreateOptions == nil {
 		// QEMU's variant for such a driver is empty: members are refused
 		// before the driver is.
 		if err := qapi.DecodeValue(h.Rest, &emptyVariant{}, mode, path); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		return nil, qapi.Errorf(qapi.GenericError, "Driver does not support blockdev-create")
+		return nil, nil, qapi.Errorf(qapi.GenericError, "Driver does not support blockdev-create")
 	}
 	co := d.NewCreateOptions()
 	if err := qapi.DecodeValue(h.Rest, co, mode, path); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	log := g.log.With("driver", d.Name)
+	release = g.holdNamedRefs(co)
 	return func(ctx context.Context) error {
 		return d.Create(ctx, &CreateContext{g: g, log: log}, co)
-	}, nil
+	}, release, nil
+}
+
+// holdNamedRefs holds, until release, every existing node that the create
+// options name in a BlockdevRef member, before the job starts: QEMU's
+// create has its nodes by the time blockdev-create returns, so a
+// blockdev-del that follows answers "Block device NAME is in use", and
+// ours must not find a window before the job's OpenRef. The hold asks for
+// nothing; OpenRef takes the permissions, in the job, as QEMU's create
+// does. Names that find no node are left to OpenRef's message.
+func (g *Graph) holdNamedRefs(co any) (release func()) {
+	var held []*Child
+	var walk func(v reflect.Value)
+	walk = func(v reflect.Value) {
+		switch v.Kind() {
+		case reflect.Pointer, reflect.Interface:
+			if !v.IsNil() {
+				walk(v.Elem())
+			}
+		case reflect.Struct:
+			if r, ok := v.Addr().Interface().(*ChildRef); ok {
+				if r.Ref == "" || r.Options != nil {
+					return
+				}
+				if n, err := g.FindDevice(r.Ref, r.Ref); err == nil {
+					if c, err := g.AttachUser(createHold{}, n, "create", 0, pAll); err == nil {
+						held = append(held, c)
+					}
+				}
+				return
+			}
+			for i := range v.NumField() {
+				if f := v.Field(i); f.CanInterface() {
+					walk(f)
+				}
+			}
+		}
+	}
+	if v := reflect.ValueOf(co); v.Kind() == reflect.Pointer && !v.IsNil() {
+		walk(v)
+	}
+	return func() {
+		for _, c := range held {
+			g.DetachUser(c)
+		}
+	}
 }
 
 // jobUser is a job's hold on a node: it keeps the node from being

@@ -34,17 +34,24 @@ func JobCommands(s *Server, g *graph.Graph) *job.Manager {
 		if err := qapi.Decode(args, &a, qapi.JSON); err != nil {
 			return nil, err
 		}
-		run, err := g.PrepareCreate(a.Options, qapi.JSON, "options")
+		run, release, err := g.PrepareCreateJob(a.Options, qapi.JSON, "options")
 		if err != nil {
 			return nil, err
 		}
 		// blockdev-create's jobs finalize themselves and wait for
 		// job-dismiss, as QEMU's do.
-		_, err = m.Start(&job.Kind{Type: "create", Run: func(ctx context.Context, j *job.Job) error {
-			err := run(ctx)
-			j.Progress(1)
-			return err
-		}}, job.Options{ID: a.JobID, AutoFinalize: true, Remaining: 1})
+		_, err = m.Start(&job.Kind{
+			Type: "create",
+			Run: func(ctx context.Context, j *job.Job) error {
+				err := run(ctx)
+				j.Progress(1)
+				return err
+			},
+			Clean: func(*job.Job) { release() },
+		}, job.Options{ID: a.JobID, AutoFinalize: true, Remaining: 1})
+		if err != nil {
+			release()
+		}
 		return empty(err)
 	})
 

@@ -7,6 +7,9 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"blockbackend/graph"
+	"blockbackend/qmp/qapi"
 )
 
 // TestCreateLayoutLikeQemuImg: our create writes the bytes qemu-img
@@ -137,5 +140,39 @@ func TestRefcountBlockAfterRun(t *testing.T) {
 	}
 	if qr, or := qemuRaw(t, q), qemuRaw(t, o); !bytes.Equal(qr, or) {
 		t.Errorf("contents: %s", firstDiff(or, qr))
+	}
+}
+
+// TestCreateJobHoldsNamedFile: the file node a blockdev-create names is
+// held from the moment the command returns (PrepareCreateJob), not only
+// once the job's goroutine reaches OpenRef, so blockdev-del in between
+// answers QEMU's "in use" and cannot pull the node from under the job.
+func TestCreateJobHoldsNamedFile(t *testing.T) {
+	ctx := context.Background()
+	g := graph.New(nil)
+	defer g.Close()
+	path := filepath.Join(t.TempDir(), "h.qcow2")
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Add(ctx, map[string]any{"driver": "file", "filename": path, "node-name": "hf"}, qapi.JSON); err != nil {
+		t.Fatal(err)
+	}
+	run, release, err := g.PrepareCreateJob(map[string]any{"driver": "qcow2", "file": "hf", "size": 1 << 20}, qapi.JSON, "options")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Delete(ctx, "hf"); err == nil || err.Error() != "Block device hf is in use" {
+		t.Fatalf("blockdev-del before the job ran: %v, want \"Block device hf is in use\"", err)
+	}
+	if err := run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Delete(ctx, "hf"); err == nil {
+		t.Fatal("blockdev-del after the job but before release succeeded")
+	}
+	release()
+	if err := g.Delete(ctx, "hf"); err != nil {
+		t.Fatalf("blockdev-del after release: %v", err)
 	}
 }
