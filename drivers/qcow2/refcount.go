@@ -90,7 +90,12 @@ func (img *image) ensureBlockLocked(ctx context.Context, k int64) error {
 	// refcount block, describing itself; all of them are free since the
 	// block does not exist.
 	per := img.geo.RefcountBlockEntries()
-	off := int64(ti) * per * img.cs
+	return img.placeBlockLocked(ctx, ti, int64(ti)*per*img.cs)
+}
+
+// placeBlockLocked creates the refcount block of table entry ti at host
+// offset off, a free cluster in the range it describes.
+func (img *image) placeBlockLocked(ctx context.Context, ti uint64, off int64) error {
 	if err := img.growFileLocked(ctx, img.file, off+img.cs); err != nil {
 		return err
 	}
@@ -98,7 +103,8 @@ func (img *image) ensureBlockLocked(ctx context.Context, k int64) error {
 	if err != nil {
 		return err
 	}
-	_ = SetRefcount(b, img.geo.RefcountOrder, 0, 1)
+	_, bi := img.geo.RefcountIndex(off)
+	_ = SetRefcount(b, img.geo.RefcountOrder, bi, 1)
 	// The block must be on disk before the table entry points at it: write
 	// it now; the table entry is written right away too (the table is
 	// written through), after a flush.
@@ -202,47 +208,114 @@ func (img *image) growRefcountTableLocked(ctx context.Context, need uint64) erro
 // (at least one). Their refcounts become 1 in the cache (the ordering
 // rules make them stable before anything on disk points at them).
 func (img *image) allocRunLocked(ctx context.Context, n int64) (int64, int64, error) {
-	off, got, _, err := img.allocRunVirginLocked(ctx, n)
+	off, got, _, err := img.allocRunVirginLocked(ctx, n, true)
 	return off, got, err
 }
 
 // allocRunVirginLocked is allocRunLocked that also reports whether the
 // clusters lay past the end of the file (they read as zeros, so copy on
-// write from zeros can be skipped).
-func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int64, bool, error) {
-	k := img.freeHint
+// write from zeros can be skipped). With grow false the file is not grown
+// over the run: the caller grows it to the end of what it writes (QEMU
+// writes only the subclusters a write allocates, so a data cluster may end
+// past the end of the file).
+//
+// Clusters in a range with no refcount block count as free. When the run
+// found takes such clusters, the range's block is placed first, as QEMU
+// 7.2 places it: at the first free cluster after the run (describing
+// itself); then the run is looked for again.
+func (img *image) allocRunVirginLocked(ctx context.Context, n int64, grow bool) (int64, int64, bool, error) {
+	// Past the end of the file, bytes read as zeros; the file only ever
+	// grows to the end of clusters just claimed (and a new refcount block
+	// lies after the run), so that end is exact.
+	size := img.file.SizeNow()
 	for {
-		free, err := img.freeClusterLocked(ctx, k)
-		if err != nil {
+		k := img.freeHint
+		for {
+			free, err := img.isFreeLocked(ctx, k)
+			if err != nil {
+				return 0, 0, false, err
+			}
+			if free {
+				break
+			}
+			k++
+			img.freeHint = k
+		}
+		got := int64(1)
+		for got < n {
+			free, err := img.isFreeLocked(ctx, k+got)
+			if err != nil {
+				return 0, 0, false, err
+			}
+			if !free {
+				break
+			}
+			got++
+		}
+		placed := false
+		for c := k; c < k+got && !placed; c++ {
+			ti, _ := img.geo.RefcountIndex(c * img.cs)
+			if ti < uint64(len(img.rt)) && img.rt[ti]&OffsetMask != 0 {
+				continue
+			}
+			if err := img.newBlockAfterLocked(ctx, c, k+got); err != nil {
+				return 0, 0, false, err
+			}
+			placed = true
+		}
+		if placed {
+			continue
+		}
+		if grow {
+			if err := img.growFileLocked(ctx, img.file, (k+got)*img.cs); err != nil {
+				return 0, 0, false, err
+			}
+		}
+		if err := img.setRefcountsLocked(ctx, k, got); err != nil {
 			return 0, 0, false, err
+		}
+		if k == img.freeHint {
+			img.freeHint = k + got
+		}
+		return k * img.cs, got, k*img.cs >= size, nil
+	}
+}
+
+// newBlockAfterLocked creates the refcount block of cluster c's range at
+// the first free cluster from index from on, if that cluster lies in the
+// range (the block describes itself); otherwise at the range's first
+// cluster, as ensureBlockLocked does.
+func (img *image) newBlockAfterLocked(ctx context.Context, c, from int64) error {
+	ti, _ := img.geo.RefcountIndex(c * img.cs)
+	per := img.geo.RefcountBlockEntries()
+	lo, hi := int64(ti)*per, int64(ti+1)*per
+	if ti >= uint64(len(img.rt)) {
+		return img.ensureBlockLocked(ctx, c)
+	}
+	b := from
+	for ; b < hi; b++ {
+		free, err := img.isFreeLocked(ctx, b)
+		if err != nil {
+			return err
 		}
 		if free {
 			break
 		}
-		k++
-		img.freeHint = k
 	}
-	got := int64(1)
-	for got < n {
-		free, err := img.freeClusterLocked(ctx, k+got)
-		if err != nil {
-			return 0, 0, false, err
-		}
-		if !free {
-			break
-		}
-		got++
+	if b < lo || b >= hi {
+		return img.ensureBlockLocked(ctx, c)
 	}
-	// Past the end of the file, bytes read as zeros; the file only ever
-	// grows to the end of clusters just claimed, so that end is exact.
-	virgin := k*img.cs >= img.file.SizeNow()
-	if err := img.takeLocked(ctx, k, got); err != nil {
-		return 0, 0, false, err
+	return img.placeBlockLocked(ctx, ti, b*img.cs)
+}
+
+// isFreeLocked reports whether cluster c is free: refcount 0, or in a
+// range with no refcount block.
+func (img *image) isFreeLocked(ctx context.Context, c int64) (bool, error) {
+	if c*img.cs > MaxHostOffset {
+		return false, fmt.Errorf("qcow2: image file too large: %w", syscall.EFBIG)
 	}
-	if k == img.freeHint {
-		img.freeHint = k + got
-	}
-	return k * img.cs, got, virgin, nil
+	rc, err := img.refcountLocked(ctx, c)
+	return rc == 0, err
 }
 
 // freeClusterLocked reports whether cluster c is free, creating the
@@ -265,6 +338,11 @@ func (img *image) takeLocked(ctx context.Context, k, n int64) error {
 	if err := img.growFileLocked(ctx, img.file, (k+n)*img.cs); err != nil {
 		return err
 	}
+	return img.setRefcountsLocked(ctx, k, n)
+}
+
+// setRefcountsLocked sets the refcounts of clusters [k, k+n) to 1.
+func (img *image) setRefcountsLocked(ctx context.Context, k, n int64) error {
 	for c := k; c < k+n; c++ {
 		if err := img.setRefcountLocked(ctx, c, 1); err != nil {
 			return err
