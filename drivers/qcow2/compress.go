@@ -138,6 +138,12 @@ func (img *image) WriteCompressed(ctx context.Context, off int64, data []byte) e
 		img.meta.Unlock()
 		return err
 	}
+	// The L2 table first, as in QEMU (see planWriteLocked): a missing
+	// table is allocated before the compressed data's bytes.
+	if _, _, _, err := img.l2ForWriteLocked(ctx, off); err != nil {
+		img.meta.Unlock()
+		return err
+	}
 	host, err := img.allocBytesLocked(ctx, int64(len(comp)))
 	if err != nil {
 		img.meta.Unlock()

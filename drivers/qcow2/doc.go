@@ -31,7 +31,8 @@
 //   - a write to clusters that are allocated and owned (COPIED) looks them
 //     up under meta and writes in place;
 //   - a write that needs allocation (unallocated, zero, compressed or
-//     shared clusters, unallocated subclusters) registers the guest
+//     shared clusters, unallocated subclusters) first allocates (or
+//     copies, if shared) the L2 table if it must, then registers the guest
 //     clusters as in flight, allocates host clusters, drops meta, copies
 //     what it must keep from the old contents (copy on write, from the old
 //     cluster or the backing node), writes, then takes meta again to point
@@ -50,20 +51,25 @@
 //
 // # Allocation
 //
-// Host clusters come from the first free cluster on (a hint remembers
-// where that is); a write takes the longest free run there, up to what it
-// needs. A cluster whose range has no refcount block yet counts as free;
-// when a run takes it, the block is created at the first free cluster
-// after the run (it counts itself when it lies in its own range), which
-// is where QEMU puts it. A longer contiguous run (an L1 table) goes to the
-// end of the file with the blocks it needs after it; the refcount table
-// grows at the end of what it describes, before a run may reach past it.
-// The file child is grown before anything is written past its
-// end, to the end of the clusters taken, except for a new L1 table: the
-// file then ends right after its entries, mid-cluster, as qemu-img leaves
-// it (a file's size need not be a multiple of the cluster size; the next
-// allocation still starts on a cluster boundary, since free clusters are
-// found by their refcounts).
+// The order follows QEMU 7.2's, so that the same writes give the same
+// host layout (qemu-img convert and ours give byte-identical images, and
+// the same fragmentation in check). Host clusters come from the first
+// free cluster on (a hint remembers where that is); a write takes the
+// longest free run there, up to what it needs, after its L2 table if that
+// table is new (the table is in the L1 table under meta at once, so
+// concurrent writes into it never allocate it twice). A cluster whose
+// range has no refcount block yet counts as free; when a run takes it,
+// the block is created at the first free cluster after the run (it counts
+// itself when it lies in its own range), which is where QEMU puts it. A
+// longer contiguous run (an L1 table) goes to the end of the file with the
+// blocks it needs after it; the refcount table grows at the end of what it
+// describes, before a run may reach past it. The file child is grown
+// before anything is written past its end: for a data cluster only to the
+// end of what the write covers (with subclusters, QEMU's file may end
+// inside the last cluster too), for a new L1 table right after its
+// entries, mid-cluster, as qemu-img leaves it (a file's size need not be a
+// multiple of the cluster size; the next allocation still starts on a
+// cluster boundary, since free clusters are found by their refcounts).
 //
 // # Created images
 //

@@ -178,7 +178,8 @@ func (img *image) allocRunVirginLocked(ctx context.Context, n int64) (int64, int
 // allocRunUsedLocked is allocRunVirginLocked for a caller that writes
 // only the first used bytes of the run: a run at the end of the file
 // grows the file over those bytes only, not to the end of its last
-// cluster. QEMU leaves a new L1 table so (a 64 MiB image of 64 KiB
+// cluster (0: not at all; a guest write grows it itself, to the end of
+// what it writes). QEMU leaves a new L1 table so (a 64 MiB image of 64 KiB
 // clusters ends 8 bytes into cluster 3), and the next allocation still
 // starts at a cluster boundary: clusters are found by their refcounts,
 // never by the file's size.

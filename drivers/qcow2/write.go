@@ -127,7 +127,24 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64, p *writePla
 		return nil, nil
 	}
 
-	// Allocation. A cluster with an owned host cluster (extended L2 with
+	// Allocation. The L2 table comes first, as in QEMU: a missing (or
+	// shared) table is allocated now, before the data clusters, so the
+	// same writes give QEMU's host layout (the table, then its data). It
+	// is in the active L1 at once, under meta, so a concurrent request
+	// into the same table finds it and never allocates a second one; it
+	// reaches the file in syncLocked's order like any new table, and an
+	// aborted write leaves it empty, still referenced. The plan is made
+	// again over the new table (a copied table recomputes COPIED).
+	if l1i := img.geo.L1Index(off); l1i < uint64(len(img.l1)) {
+		if e := L1Entry(img.l1[l1i]); e.Offset() == 0 || !e.Copied() {
+			if err := img.newL2TableLocked(ctx, l1i, e); err != nil {
+				return nil, err
+			}
+			return img.planWriteLocked(ctx, off, n, p)
+		}
+	}
+
+	// A cluster with an owned host cluster (extended L2 with
 	// unallocated subclusters, a preallocated zero cluster) keeps it; with
 	// an external data file every cluster's host offset is its guest
 	// offset; otherwise new clusters are allocated, contiguous.
@@ -170,7 +187,7 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64, p *writePla
 		}
 	default:
 		var got int64
-		host, got, p.virgin, err = img.allocRunVirginLocked(ctx, int64(len(p.clusters)))
+		host, got, p.virgin, err = img.allocRunUsedLocked(ctx, int64(len(p.clusters)), 0)
 		if err != nil {
 			return nil, err
 		}
@@ -190,6 +207,17 @@ func (img *image) planWriteLocked(ctx context.Context, off, n int64, p *writePla
 		cp.host = host + int64(i)*cs
 		img.fillPlan(cp, keep)
 		img.inflight[cp.guest/cs] = w
+	}
+	if p.fresh > 0 {
+		// The file grows to the end of what the write covers, as in
+		// QEMU: with subclusters that may stop inside the last cluster
+		// (the rest reads as zeros past the end of the file). Under meta,
+		// so that growths never race into a shrink.
+		last := p.clusters[len(p.clusters)-1]
+		if err := img.growFileLocked(ctx, img.file, last.host+last.hi); err != nil {
+			img.abortLocked(ctx, p)
+			return nil, err
+		}
 	}
 	return nil, nil
 }
