@@ -20,6 +20,14 @@ import (
 // their completions to the driver in batches: one notification test, and
 // at most one call eventfd write, per pass over the ring, or sooner once
 // batchMax completions or about batchTime of service wait unannounced.
+// Quick requests (served without I/O, a fraction of a microsecond each)
+// are announced one by one instead, as QEMU's export does: with event
+// index the test costs a load unless the driver asked to be woken, and a
+// driver that sleeps until its first completion then wakes while the
+// worker serves the rest of the pass, rather than after all of it (with
+// 32 zero-cluster reads in flight the Go frontend slept once per 32
+// requests, in lockstep with the worker, and ran at 0.85x qsd; announced
+// one by one, 1.7x).
 //
 // A request that outlasts inlineHandoff on the worker (a flush on a slow
 // disk) must not hold up the ones behind it. A watchdog timer ticks every
@@ -56,6 +64,7 @@ const (
 	inlineHandoff  = 100 * time.Microsecond
 	inlineMax      = 20 * time.Microsecond
 	batchMax       = 64
+	quickBatchMax  = 1 // see above: quick completions are announced at once
 	batchTime      = 50 * time.Microsecond
 	maxIdleHelpers = 16
 	// The worker times one request in sampleEvery (a clock read costs a
@@ -318,7 +327,7 @@ func (r *ring) serveQuick(c *virtq.Chain) bool {
 	}
 	r.vq.Complete(c, written)
 	r.reqs.Done()
-	if r.unsent++; r.unsent >= batchMax {
+	if r.unsent++; r.unsent >= quickBatchMax {
 		r.flush()
 	}
 	return true
