@@ -30,7 +30,8 @@ type ImageInfo struct {
 	BackingImage    *ImageInfo     `json:"backing-image,omitempty"`
 }
 
-// SnapshotJSON is QAPI's SnapshotInfo.
+// SnapshotJSON is QAPI's SnapshotInfo, as query output and
+// blockdev-snapshot-delete-internal-sync print it.
 type SnapshotJSON struct {
 	ID          string `json:"id"`
 	Name        string `json:"name"`
@@ -40,6 +41,20 @@ type SnapshotJSON struct {
 	VMClockSec  int64  `json:"vm-clock-sec"`
 	VMClockNsec int64  `json:"vm-clock-nsec"`
 	ICount      *int64 `json:"icount,omitempty"`
+}
+
+// NewSnapshotJSON converts the graph's description (icount is left out
+// when not recorded, as QEMU does).
+func NewSnapshotJSON(s SnapshotInfo) SnapshotJSON {
+	out := SnapshotJSON{
+		ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize, DateSec: s.DateSec, DateNsec: s.DateNsec,
+		VMClockSec: s.VMClockNsec / 1e9, VMClockNsec: s.VMClockNsec % 1e9,
+	}
+	if s.ICount >= 0 {
+		ic := s.ICount
+		out.ICount = &ic
+	}
+	return out
 }
 
 // CacheInfo is BlockdevCacheInfo.
@@ -133,12 +148,7 @@ func (n *Node) imageInfo(nested bool) ImageInfo {
 	}
 	if sl, ok := inst.(SnapshotLister); ok {
 		for _, s := range sl.SnapshotList() {
-			j := SnapshotJSON{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize, DateSec: s.DateSec, DateNsec: s.DateNsec,
-				VMClockSec: s.VMClockNsec / 1e9, VMClockNsec: s.VMClockNsec % 1e9}
-			if s.ICount >= 0 {
-				j.ICount = &s.ICount
-			}
-			info.Snapshots = append(info.Snapshots, j)
+			info.Snapshots = append(info.Snapshots, NewSnapshotJSON(s))
 		}
 	}
 	if bf, ok := inst.(BackingFiler); ok {

@@ -38,21 +38,7 @@ func JobCommands(s *Server, g *graph.Graph) *job.Manager {
 		if err != nil {
 			return nil, err
 		}
-		// blockdev-create's jobs finalize themselves and wait for
-		// job-dismiss, as QEMU's do.
-		_, err = m.Start(&job.Kind{
-			Type: "create",
-			Run: func(ctx context.Context, j *job.Job) error {
-				err := run(ctx)
-				j.Progress(1)
-				return err
-			},
-			Clean: func(*job.Job) { release() },
-		}, job.Options{ID: a.JobID, AutoFinalize: true, Remaining: 1})
-		if err != nil {
-			release()
-		}
-		return empty(err)
+		return empty(startOneStep(m, "create", a.JobID, run, release))
 	})
 
 	reg("x-blockdev-amend", amendArgsSchema{}, nil, func(ctx context.Context, args map[string]any) (any, error) {
@@ -67,19 +53,7 @@ func JobCommands(s *Server, g *graph.Graph) *job.Manager {
 		if err != nil {
 			return nil, err
 		}
-		_, err = m.Start(&job.Kind{
-			Type: "amend",
-			Run: func(ctx context.Context, j *job.Job) error {
-				err := run(ctx)
-				j.Progress(1)
-				return err
-			},
-			Clean: func(*job.Job) { release() },
-		}, job.Options{ID: a.JobID, AutoFinalize: true, Remaining: 1})
-		if err != nil {
-			release()
-		}
-		return empty(err)
+		return empty(startOneStep(m, "amend", a.JobID, run, release))
 	})
 
 	reg("query-jobs", nil, []job.Info{}, func(ctx context.Context, args map[string]any) (any, error) {
@@ -108,7 +82,7 @@ func JobCommands(s *Server, g *graph.Graph) *job.Manager {
 		}
 		return empty(g.SnapshotInternal(ctx, a.Device, a.Name))
 	})
-	reg("blockdev-snapshot-delete-internal-sync", snapshotDeleteArgs{}, SnapshotInfo{}, func(ctx context.Context, args map[string]any) (any, error) {
+	reg("blockdev-snapshot-delete-internal-sync", snapshotDeleteArgs{}, graph.SnapshotJSON{}, func(ctx context.Context, args map[string]any) (any, error) {
 		var a snapshotDeleteArgs
 		if err := qapi.Decode(args, &a, qapi.JSON); err != nil {
 			return nil, err
@@ -117,7 +91,7 @@ func JobCommands(s *Server, g *graph.Graph) *job.Manager {
 		if err != nil {
 			return nil, err
 		}
-		return NewSnapshotInfo(info), nil
+		return graph.NewSnapshotJSON(info), nil
 	})
 	return m
 }
@@ -202,28 +176,22 @@ type snapshotDeleteArgs struct {
 	Name   *string `qapi:"name,optional"`
 }
 
-// SnapshotInfo is QEMU's SnapshotInfo as QMP prints it.
-type SnapshotInfo struct {
-	ID          string `json:"id"`
-	Name        string `json:"name"`
-	VMStateSize uint64 `json:"vm-state-size"`
-	DateSec     int64  `json:"date-sec"`
-	DateNsec    int64  `json:"date-nsec"`
-	VMClockSec  int64  `json:"vm-clock-sec"`
-	VMClockNsec int64  `json:"vm-clock-nsec"`
-	ICount      *int64 `json:"icount,omitempty"`
-}
-
-// NewSnapshotInfo converts the graph's description (icount is left out
-// when not recorded, as QEMU does).
-func NewSnapshotInfo(s graph.SnapshotInfo) SnapshotInfo {
-	out := SnapshotInfo{
-		ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize, DateSec: s.DateSec, DateNsec: s.DateNsec,
-		VMClockSec: s.VMClockNsec / 1e9, VMClockNsec: s.VMClockNsec % 1e9,
+// startOneStep starts a job whose work is one step (blockdev-create,
+// x-blockdev-amend). Such jobs finalize themselves and wait for
+// job-dismiss, as QEMU's do. release runs when the job is cleaned up, or
+// at once if it cannot start.
+func startOneStep(m *job.Manager, typ, id string, run func(context.Context) error, release func()) error {
+	_, err := m.Start(&job.Kind{
+		Type: typ,
+		Run: func(ctx context.Context, j *job.Job) error {
+			err := run(ctx)
+			j.Progress(1)
+			return err
+		},
+		Clean: func(*job.Job) { release() },
+	}, job.Options{ID: id, AutoFinalize: true, Remaining: 1})
+	if err != nil {
+		release()
 	}
-	if s.ICount >= 0 {
-		ic := s.ICount
-		out.ICount = &ic
-	}
-	return out
+	return err
 }
