@@ -24,8 +24,9 @@ import (
 // P, and pages written back are write-protected so that the next write
 // faults: there the syscalls stay.
 //
-// The mapping is only used for ranges inside the size the file is known to
-// have. A fault (SIGBUS: another process shrank the file, or tmpfs is full
+// The mapping is only used for requests of mapReadMin and more, over
+// ranges inside the size the file is known to have whose pages are all in
+// memory (see read and write). A fault (SIGBUS: another process shrank the file, or tmpfs is full
 // when a hole gets its page) is turned into a panic by SetPanicOnFault,
 // recovered, and the request is done again with the syscall, which
 // reports the error as it would have without the mapping. A write that
@@ -135,10 +136,10 @@ func (m *mapping) shrink(size int64) {
 }
 
 // inside returns the mapped bytes [off, off+n) when they lie inside the
-// known size.
+// known size and every page of them is in memory (see read).
 func (m *mapping) inside(off, n int64) ([]byte, bool) {
 	v := m.view.Load()
-	if off < 0 || n < 0 || off+n > v.size || off+n < off {
+	if off < 0 || n < 0 || off+n > v.size || off+n < off || !resident(v.data, off, n) {
 		return nil, false
 	}
 	return v.data[off : off+n], true
@@ -163,10 +164,6 @@ func (m *mapping) read(off int64, iov [][]byte) bool {
 	}
 	src, ok := m.inside(off, n)
 	if !ok {
-		return false
-	}
-	v := m.view.Load()
-	if !resident(v.data, off, n) {
 		return false
 	}
 	m.reads.Add(1)
@@ -216,9 +213,6 @@ func (m *mapping) write(off int64, iov [][]byte) bool {
 	}
 	dst, ok := m.inside(off, n)
 	if !ok {
-		return false
-	}
-	if !resident(m.view.Load().data, off, n) {
 		return false
 	}
 	return m.guard(func() {

@@ -134,8 +134,9 @@ func TestMappedSizeChanges(t *testing.T) {
 	}
 }
 
-// TestMappedFullTmpfs: a write into a hole of a full tmpfs faults in the
-// mapping and must come back as ENOSPC from the syscall, as without it.
+// TestMappedFullTmpfs: writes into the holes of a file on a full tmpfs
+// come back as ENOSPC, as without the mapping (holes have no page, so they
+// are written with pwritev).
 func TestMappedFullTmpfs(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("mounting a small tmpfs needs root")
