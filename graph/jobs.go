@@ -91,7 +91,10 @@ func (g *Graph) holdNamedRefs(co any) (release func()) {
 				walk(v.Elem())
 			}
 		case reflect.Struct:
-			if r, ok := v.Addr().Interface().(*ChildRef); ok {
+			if v.Type() == reflect.TypeFor[ChildRef]() {
+				// By value: a struct under an interface is not
+				// addressable.
+				r := v.Interface().(ChildRef)
 				if r.Ref == "" || r.Options != nil {
 					return
 				}
